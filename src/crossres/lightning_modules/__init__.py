@@ -1,0 +1,5 @@
+"""LightningModules: the frozen target of a benchmark run (test) and CR fine-tuning (fit)."""
+
+from crossres.lightning_modules.frozen_target import FrozenTarget, TargetSpec
+
+__all__ = ["FrozenTarget", "TargetSpec"]

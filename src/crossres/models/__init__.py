@@ -1,5 +1,6 @@
 """Face models: every one takes float RGB in [0, 1] and normalises inside (see ``base``)."""
 
+from crossres.models import tiny  # noqa: F401  (registers tiny_facenet)
 from crossres.models.base import FaceModel, GalleryClassifier, Normalize, PretrainedConfig
 from crossres.models.registry import build_model, list_models, register_model
 

@@ -1,0 +1,132 @@
+"""The ``crossres`` command: LightningCLI subcommands (test, fit, ...) plus a few tools.
+
+    crossres test --config configs/default.yaml     run a benchmark (YAML: class_path/init_args)
+    crossres fit --config configs/paper/cr_training.yaml
+    crossres report RUN_DIR                          (re)write RUN_DIR/report.md from the store
+    crossres gallery --config FILE                   build (and cache) the gallery templates
+    crossres fetch-faces                             fetch the embedded real faces into the cache
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytorch_lightning as pl
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+
+from crossres.callbacks.report import ReportCallback
+from crossres.callbacks.store import ResultStoreCallback
+from crossres.run_dir import claim_run_dir
+
+# Configuration keys that decide a run's results: a change in any of them is a new run.
+RESULT_KEYS = ("model", "data", "seed_everything")
+
+
+class CrossresCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # always present, configurable as --store.* / --report.*
+        parser.add_lightning_class_args(ResultStoreCallback, "store")
+        parser.add_lightning_class_args(ReportCallback, "report")
+        # the data are prepared for the model's input (size, resize before the crop)
+        parser.link_arguments(
+            "model", "data.init_args.input_size", compute_fn=input_size, apply_on="instantiate"
+        )
+        parser.link_arguments(
+            "model",
+            "data.init_args.resize_shortest",
+            compute_fn=resize_shortest,
+            apply_on="instantiate",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        root = cfg.trainer.default_root_dir or os.getcwd()
+        logger = cfg.trainer.logger
+        # W&B writes inside the run directory unless told otherwise
+        for lg in logger if isinstance(logger, list) else [logger]:
+            if getattr(lg, "class_path", "").endswith("WandbLogger"):
+                if str(lg.init_args.get("save_dir", ".")) == ".":
+                    lg.init_args["save_dir"] = str(root)
+        if self.subcommand == "test" and _is_launch_process():
+            claim_run_dir(root, config=result_config(cfg))
+
+
+def result_config(cfg) -> dict:
+    """The part of the configuration that decides the results (plus the attack callbacks)."""
+    full = cfg.as_dict()
+    out = {k: full.get(k) for k in RESULT_KEYS}
+    callbacks = (full.get("trainer") or {}).get("callbacks") or []
+    out["callbacks"] = [c for c in callbacks if "Attack" in str(c.get("class_path", ""))]
+    return out
+
+
+def _is_launch_process() -> bool:
+    """True in the process the user started (rank 0), not in DDP children it spawns."""
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def input_size(model: pl.LightningModule) -> int:
+    return int(model.input_config().input_size[-1])
+
+
+def resize_shortest(model: pl.LightningModule) -> int | None:
+    return model.input_config().resize_shortest
+
+
+def run_lightning(argv: list[str] | None) -> None:
+    CrossresCLI(
+        pl.LightningModule,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        trainer_defaults={"inference_mode": False},
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=0,
+        args=argv,
+    )
+
+
+def report_main(argv: list[str]) -> int:
+    import argparse
+
+    from crossres.report.markdown import write_report
+
+    p = argparse.ArgumentParser(prog="crossres report", description=__doc__)
+    p.add_argument("run_dir", type=Path)
+    args = p.parse_args(argv)
+    if not (args.run_dir / "results").is_dir():
+        print(f"crossres report: {args.run_dir} has no results/ folder (not a run directory?)",
+              file=sys.stderr)
+        return 2
+    path = write_report(args.run_dir)
+    print(f"wrote {path}")
+    return 0
+
+
+def fetch_faces_main(argv: list[str]) -> int:
+    from crossres.datamodules.embedded_sources import main
+
+    return main(argv)
+
+
+def gallery_main(argv: list[str]) -> int:
+    from crossres.callbacks.gallery import gallery_cli
+
+    return gallery_cli(argv)
+
+
+TOOLS = {"report": report_main, "fetch-faces": fetch_faces_main, "gallery": gallery_main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in TOOLS:
+        return TOOLS[args[0]](args[1:])
+    run_lightning(argv)  # None: LightningCLI reads sys.argv itself
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

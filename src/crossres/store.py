@@ -1,0 +1,169 @@
+"""The result store: the source of truth of a run.
+
+One row per (model, attack configuration, sample, resolution), written as soon as a batch is
+done. Each process writes its own SQLite file (WAL mode, one transaction per batch, so a
+SIGKILL loses at most the batch in flight); readers merge every file of the run, dropping
+duplicate keys (DistributedSampler padding, or a batch redone after a crash). Reports, tables,
+plots and W&B logging are views of it; a rerun skips the keys it already holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+CLEAN = "clean"  # the attack name of the rows that score the unattacked queries
+
+
+@dataclass
+class ResultRow:
+    """One sample at one resolution, scored on one model, clean or after one attack.
+
+    Closed-set columns: ``mate_rank`` (1 = the mate template scores highest; ties count
+    against the probe), ``mate_score`` and ``best_nonmate_score`` against the full gallery.
+    Open-set columns, against the gallery without the non-mated identities: ``open_mated``
+    (the identity is enrolled there), ``open_mate_rank``/``open_mate_score`` (mated only) and
+    ``open_top_score`` (highest score of any template).
+    """
+
+    model: str
+    attack: str
+    sample_id: int
+    resolution: int
+    identity: int
+    params: str = "{}"  # the attack configuration, JSON
+    success: bool | None = None  # None for clean rows
+    target: int | None = None  # target identity of a targeted / impersonation attack
+    l0: float = 0.0
+    l2: float = 0.0
+    linf: float = 0.0
+    iterations: int = 0
+    clean_top1: int = -1
+    adv_top1: int = -1
+    mate_rank: int = 0
+    mate_score: float = float("nan")
+    best_nonmate_score: float = float("nan")
+    open_mated: bool = True
+    open_mate_rank: int = 0
+    open_mate_score: float = float("nan")
+    open_top_score: float = float("nan")
+    seconds: float = 0.0
+    path: str = ""
+
+    @property
+    def key(self) -> tuple[str, str, int, int]:
+        return (self.model, self.attack, self.sample_id, self.resolution)
+
+
+_COLUMNS = [f.name for f in fields(ResultRow)]
+_KEY = ("model", "attack", "sample_id", "resolution")
+
+
+def _schema() -> str:
+    cols = []
+    for f in fields(ResultRow):
+        base = f.type.split("|")[0].strip() if isinstance(f.type, str) else f.type
+        sql = {"str": "TEXT", "int": "INTEGER", "float": "REAL", "bool": "INTEGER"}.get(base, "TEXT")
+        cols.append(f"{f.name} {sql}")
+    return (
+        f"CREATE TABLE IF NOT EXISTS results ({', '.join(cols)}, PRIMARY KEY ({', '.join(_KEY)}))"
+    )
+
+
+class ResultStore:
+    """All result files of one run directory (``<run_dir>/results/rank-*.sqlite``)."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.dir = Path(run_dir) / "results"
+
+    def files(self) -> list[Path]:
+        return sorted(self.dir.glob("rank-*.sqlite")) if self.dir.is_dir() else []
+
+    def writer(self, rank: int = 0) -> StoreWriter:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        return StoreWriter(self.dir / f"rank-{rank}.sqlite")
+
+    def rows(self) -> list[ResultRow]:
+        """Every row of the run, one per key (first file wins), in key order."""
+        merged: dict[tuple, ResultRow] = {}
+        for path in self.files():
+            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                cur = con.execute(f"SELECT {', '.join(_COLUMNS)} FROM results")
+                for values in cur:
+                    row = _row_from_sql(values)
+                    merged.setdefault(row.key, row)
+            except sqlite3.DatabaseError as err:
+                raise sqlite3.DatabaseError(f"result file {path} is unreadable: {err}") from err
+            finally:
+                con.close()
+        return [merged[k] for k in sorted(merged)]
+
+    def done_keys(self) -> set[tuple[str, str, int, int]]:
+        """Keys already stored by any process (what a resumed run skips)."""
+        keys: set[tuple] = set()
+        for path in self.files():
+            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                keys.update(con.execute(f"SELECT {', '.join(_KEY)} FROM results"))
+            finally:
+                con.close()
+        return keys
+
+
+class StoreWriter:
+    """One process's writer: a batch of rows is one transaction (all or nothing)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.con = sqlite3.connect(path, timeout=60)
+        self.con.execute("PRAGMA journal_mode=WAL")
+        self.con.execute("PRAGMA synchronous=NORMAL")
+        self.con.execute(_schema())
+        self.con.commit()
+
+    def write(self, rows: Iterable[ResultRow]) -> int:
+        values = [_row_to_sql(r) for r in rows]
+        if not values:
+            return 0
+        marks = ", ".join("?" for _ in _COLUMNS)
+        with self.con:  # one transaction
+            cur = self.con.executemany(
+                f"INSERT OR IGNORE INTO results ({', '.join(_COLUMNS)}) VALUES ({marks})", values
+            )
+        return cur.rowcount
+
+    def close(self) -> None:
+        self.con.close()
+
+
+def _row_to_sql(row: ResultRow) -> tuple:
+    out = []
+    for name in _COLUMNS:
+        v = getattr(row, name)
+        out.append(int(v) if isinstance(v, bool) else v)
+    return tuple(out)
+
+
+def _row_from_sql(values: Sequence) -> ResultRow:
+    d = dict(zip(_COLUMNS, values, strict=True))
+    for name in ("success", "open_mated"):
+        if d[name] is not None:
+            d[name] = bool(d[name])
+    for name in ("mate_score", "best_nonmate_score", "open_mate_score", "open_top_score"):
+        if d[name] is None:  # SQLite stores NaN as NULL
+            d[name] = float("nan")
+    return ResultRow(**d)
+
+
+def rows_to_dicts(rows: Iterable[ResultRow]) -> list[dict]:
+    return [dataclasses.asdict(r) for r in rows]
+
+
+def params_json(params: dict) -> str:
+    """Canonical JSON of an attack configuration (sorted keys), used in keys and tables."""
+    return json.dumps(params, sort_keys=True, default=str)
