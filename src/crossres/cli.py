@@ -1,10 +1,10 @@
 """The ``crossres`` command: LightningCLI subcommands (test, fit, ...) plus a few tools.
 
-    crossres test --config configs/default.yaml     run a benchmark (YAML: class_path/init_args)
-    crossres fit --config configs/paper/cr_training.yaml
-    crossres report RUN_DIR                          (re)write RUN_DIR/report.md from the store
-    crossres gallery --config FILE                   build (and cache) the gallery templates
-    crossres fetch-faces                             fetch the embedded real faces into the cache
+crossres test --config configs/default.yaml     run a benchmark (YAML: class_path/init_args)
+crossres fit --config configs/paper/cr_training.yaml
+crossres report RUN_DIR                          (re)write RUN_DIR/report.md from the store
+crossres gallery --config FILE                   build (and cache) the gallery templates
+crossres fetch-faces                             fetch the embedded real faces into the cache
 """
 
 from __future__ import annotations
@@ -46,9 +46,9 @@ class CrossresCLI(LightningCLI):
         logger = cfg.trainer.logger
         # W&B writes inside the run directory unless told otherwise
         for lg in logger if isinstance(logger, list) else [logger]:
-            if getattr(lg, "class_path", "").endswith("WandbLogger"):
-                if str(lg.init_args.get("save_dir", ".")) == ".":
-                    lg.init_args["save_dir"] = str(root)
+            is_wandb = getattr(lg, "class_path", "").endswith("WandbLogger")
+            if is_wandb and str(lg.init_args.get("save_dir", ".")) == ".":
+                lg.init_args["save_dir"] = str(root)
         if self.subcommand == "test" and _is_launch_process():
             claim_run_dir(root, config=result_config(cfg))
 
@@ -97,8 +97,10 @@ def report_main(argv: list[str]) -> int:
     p.add_argument("run_dir", type=Path)
     args = p.parse_args(argv)
     if not (args.run_dir / "results").is_dir():
-        print(f"crossres report: {args.run_dir} has no results/ folder (not a run directory?)",
-              file=sys.stderr)
+        print(
+            f"crossres report: {args.run_dir} has no results/ folder (not a run directory?)",
+            file=sys.stderr,
+        )
         return 2
     path = write_report(args.run_dir)
     print(f"wrote {path}")

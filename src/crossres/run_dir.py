@@ -14,8 +14,17 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
-PACKAGES = ("crossres", "torch", "pytorch-lightning", "torchmetrics", "torchattacks", "timm",
-            "numpy", "scipy", "wandb")
+PACKAGES = (
+    "crossres",
+    "torch",
+    "pytorch-lightning",
+    "torchmetrics",
+    "torchattacks",
+    "timm",
+    "numpy",
+    "scipy",
+    "wandb",
+)
 
 
 class RunConfigMismatch(RuntimeError):
@@ -52,8 +61,12 @@ def claim_run_dir(run_dir: str | Path, *, config: dict, extra: dict | None = Non
                 "old run directory."
             )
         return path
-    record = {"config_hash": digest, "config": config, "versions": package_versions(),
-              **(extra or {})}
+    record = {
+        "config_hash": digest,
+        "config": config,
+        "versions": package_versions(),
+        **(extra or {}),
+    }
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str))
     tmp.replace(path)

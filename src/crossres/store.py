@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -67,7 +67,9 @@ def _schema() -> str:
     cols = []
     for f in fields(ResultRow):
         base = f.type.split("|")[0].strip() if isinstance(f.type, str) else f.type
-        sql = {"str": "TEXT", "int": "INTEGER", "float": "REAL", "bool": "INTEGER"}.get(base, "TEXT")
+        sql = {"str": "TEXT", "int": "INTEGER", "float": "REAL", "bool": "INTEGER"}.get(
+            base, "TEXT"
+        )
         cols.append(f"{f.name} {sql}")
     return (
         f"CREATE TABLE IF NOT EXISTS results ({', '.join(cols)}, PRIMARY KEY ({', '.join(_KEY)}))"
@@ -87,32 +89,32 @@ class ResultStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         return StoreWriter(self.dir / f"rank-{rank}.sqlite")
 
-    def rows(self) -> list[ResultRow]:
-        """Every row of the run, one per key (first file wins), in key order."""
-        merged: dict[tuple, ResultRow] = {}
+    def _select(self, columns: Sequence[str]) -> Iterator[tuple]:
+        """Values of ``columns`` from every file; a file still being created is empty."""
         for path in self.files():
-            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)
             try:
-                cur = con.execute(f"SELECT {', '.join(_COLUMNS)} FROM results")
-                for values in cur:
-                    row = _row_from_sql(values)
-                    merged.setdefault(row.key, row)
+                if not con.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type='table' AND name='results'"
+                ).fetchone():
+                    continue
+                yield from con.execute(f"SELECT {', '.join(columns)} FROM results")
             except sqlite3.DatabaseError as err:
                 raise sqlite3.DatabaseError(f"result file {path} is unreadable: {err}") from err
             finally:
                 con.close()
+
+    def rows(self) -> list[ResultRow]:
+        """Every row of the run, one per key (first file wins), in key order."""
+        merged: dict[tuple, ResultRow] = {}
+        for values in self._select(_COLUMNS):
+            row = _row_from_sql(values)
+            merged.setdefault(row.key, row)
         return [merged[k] for k in sorted(merged)]
 
     def done_keys(self) -> set[tuple[str, str, int, int]]:
         """Keys already stored by any process (what a resumed run skips)."""
-        keys: set[tuple] = set()
-        for path in self.files():
-            con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-            try:
-                keys.update(con.execute(f"SELECT {', '.join(_KEY)} FROM results"))
-            finally:
-                con.close()
-        return keys
+        return set(self._select(_KEY))
 
 
 class StoreWriter:

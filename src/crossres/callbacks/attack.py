@@ -53,7 +53,11 @@ class AttackCallback(pl.Callback):
         self.objective = objective
         self.seed = int(seed)
         self.models = models
-        self.params = {"class": type(attack).__name__, "objective": objective, **attack_params(attack)}
+        self.params = {
+            "class": type(attack).__name__,
+            "objective": objective,
+            **attack_params(attack),
+        }
         self.name = name or f"{type(attack).__name__} {params_json(attack_params(attack))}"
 
     def draw_targets(self, sample_ids: torch.Tensor, identities: torch.Tensor, pool: torch.Tensor):
@@ -65,7 +69,9 @@ class AttackCallback(pl.Callback):
             out.append(int(choices[torch.randint(len(choices), (1,), generator=g)]))
         return torch.tensor(out, dtype=torch.long)
 
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch: FaceBatch, batch_idx, dataloader_idx=0):
+    def on_test_batch_end(
+        self, trainer, pl_module, outputs, batch: FaceBatch, batch_idx, dataloader_idx=0
+    ):
         for label, target in pl_module.targets.items():
             if self.models is not None and label not in self.models:
                 continue

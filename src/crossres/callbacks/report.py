@@ -67,7 +67,9 @@ def log_to_wandb(logger: WandbLogger, rows, run_dir: Path, report, pl_module, n_
         amplified = diff / diff.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
         grid = torch.cat([clean, adv, amplified], dim=3)  # clean | adversarial | perturbation
         payload[f"examples/{label}/{attack}"] = [
-            wandb.Image(g.permute(1, 2, 0).numpy(), caption="clean | adversarial | |delta| (scaled)")
+            wandb.Image(
+                g.permute(1, 2, 0).numpy(), caption="clean | adversarial | |delta| (scaled)"
+            )
             for g in grid
         ]
     if payload:

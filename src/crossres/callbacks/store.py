@@ -23,6 +23,7 @@ class ResultStoreCallback(pl.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         store = ResultStore(self.resolve_dir(trainer))
         pl_module.done_keys = store.done_keys()
+        trainer.strategy.barrier("crossres-store")  # every process has read before any writes
         self.writer = store.writer(trainer.global_rank)
         pl_module.sink = self.writer.write
 

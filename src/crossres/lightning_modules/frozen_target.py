@@ -80,7 +80,10 @@ class FrozenTarget(pl.LightningModule):
     # ---------------------------------------------------------------- set-up
     def input_config(self):
         """The preprocessing every target shares (the datamodule is built for it)."""
-        cfgs = {(m.pretrained_cfg.input_size, m.pretrained_cfg.resize_shortest) for m in self.models.values()}
+        cfgs = {
+            (m.pretrained_cfg.input_size, m.pretrained_cfg.resize_shortest)
+            for m in self.models.values()
+        }
         if len(cfgs) != 1:
             raise ValueError(
                 f"all targets of one run must share input size and resize, got {sorted(cfgs)}"
@@ -137,14 +140,20 @@ class FrozenTarget(pl.LightningModule):
         for prefix, gallery in (("", t.gallery), ("open_", t.open_gallery)):
             k = min(2, len(gallery))
             res = search(
-                features.float(), gallery.features, gallery.ids, identities, k=k,
+                features.float(),
+                gallery.features,
+                gallery.ids,
+                identities,
+                k=k,
                 metric=self.similarity,
             )
             first_is_mate = res.candidate_ids[:, 0] == identities
             runner_up = res.values[:, 1] if k > 1 else torch.full_like(res.values[:, 0], -torch.inf)
             out[prefix + "mate_rank"] = res.summary.mate_rank
             out[prefix + "mate_score"] = res.summary.mate_score
-            out[prefix + "best_nonmate_score"] = torch.where(first_is_mate, runner_up, res.values[:, 0])
+            out[prefix + "best_nonmate_score"] = torch.where(
+                first_is_mate, runner_up, res.values[:, 0]
+            )
             out[prefix + "top_score"] = res.summary.top_score
             out[prefix + "mated"] = res.summary.mated
         return out

@@ -33,8 +33,13 @@ def write_report(run_dir: str | Path) -> Path:
         lines += table(cells, "success_rate", "Table 1: attack success rate (%)", skip_clean=True)
         lines += table(cells, "hit_rate", "Table 2: hit rate, CMC rank 1 (%)")
         lines += table(cells, "fpir_at_fnir", f"Table 3: FPIR @ FNIR = {TARGET_FNIR:g} (%)")
-        lines += table(cells, "mean_l2", "Mean L2 of the perturbation ([0, 1] scale)",
-                       skip_clean=True, percent=False)
+        lines += table(
+            cells,
+            "mean_l2",
+            "Mean L2 of the perturbation ([0, 1] scale)",
+            skip_clean=True,
+            percent=False,
+        )
         lines += dr_figures(cells, fig_dir)
         lines += identification_figures(rows, cells, fig_dir)
     path = run_dir / "report.md"
@@ -64,8 +69,9 @@ def fmt(value: float, percent: bool) -> str:
     return f"{100 * value:.1f}" if percent else f"{value:.3g}"
 
 
-def table(cells: list[Cell], field: str, title: str, *, skip_clean: bool = False,
-          percent: bool = True) -> list[str]:
+def table(
+    cells: list[Cell], field: str, title: str, *, skip_clean: bool = False, percent: bool = True
+) -> list[str]:
     """Rows: attack configurations; columns: model x resolution (as the paper's tables)."""
     models = sorted({c.model for c in cells})
     resolutions = sorted({c.resolution for c in cells}, key=resolution_order)
@@ -94,8 +100,12 @@ def dr_figures(cells: list[Cell], fig_dir: Path) -> list[str]:
     resolutions = sorted({c.resolution for c in dr}, key=resolution_order)
     out = ["## Figures 2-4: DR against delta", ""]
     for number, (field, label) in enumerate(
-        [("success_rate", "attack success rate"), ("hit_rate", "hit rate"),
-         ("fpir_at_fnir", f"FPIR @ FNIR={TARGET_FNIR:g}")], start=2
+        [
+            ("success_rate", "attack success rate"),
+            ("hit_rate", "hit rate"),
+            ("fpir_at_fnir", f"FPIR @ FNIR={TARGET_FNIR:g}"),
+        ],
+        start=2,
     ):
         fig = Figure(figsize=(3.2 * len(resolutions), 3.0))
         for i, res in enumerate(resolutions):
@@ -104,11 +114,16 @@ def dr_figures(cells: list[Cell], fig_dir: Path) -> list[str]:
             for c in dr:
                 if c.resolution == res:
                     lines[(c.model, c.params.get("steps"))].append(
-                        (255 * float(c.params.get("epsilon", 0)), getattr(c, field)))
+                        (255 * float(c.params.get("epsilon", 0)), getattr(c, field))
+                    )
             for (model, steps), pts in sorted(lines.items(), key=str):
                 pts.sort()
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                        label=f"{model}, {steps} steps")
+                ax.plot(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    marker="o",
+                    label=f"{model}, {steps} steps",
+                )
             ax.set(title=f"{res or 'orig'} px", xlabel="delta (0-255 levels)", ylim=(-0.02, 1.02))
             if i == 0:
                 ax.set_ylabel(label)
@@ -133,8 +148,12 @@ def identification_figures(rows, cells: list[Cell], fig_dir: Path) -> list[str]:
                 plot_cmc(cmc, fig_dir / f"cmc_{stem}.png", title=f"CMC {model} {res or 'orig'} px")
                 out.append(f"![CMC {model} {res}](figures/cmc_{stem}.png)")
             if dets:
-                plot_det(dets, fig_dir / f"det_{stem}.png", target_fnir=TARGET_FNIR,
-                         title=f"DET {model} {res or 'orig'} px")
+                plot_det(
+                    dets,
+                    fig_dir / f"det_{stem}.png",
+                    target_fnir=TARGET_FNIR,
+                    title=f"DET {model} {res or 'orig'} px",
+                )
                 out.append(f"![DET {model} {res}](figures/det_{stem}.png)")
     return out + [""]
 

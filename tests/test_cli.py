@@ -1,0 +1,213 @@
+"""The benchmark through its command line: smoke run, resume after SIGKILL, DDP parity,
+bad input. Synthetic faces and a tiny seeded model keep each run to seconds."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from crossres.cli import main
+from crossres.report.tables import summarize
+from crossres.run_dir import RunConfigMismatch
+from crossres.store import ResultStore
+
+CONFIG = {
+    "seed_everything": 0,
+    "trainer": {
+        "accelerator": "cpu",
+        "devices": 1,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "callbacks": [
+            {
+                "class_path": "crossres.callbacks.AttackCallback",
+                "init_args": {
+                    "name": "CW-L2 (2-8)",
+                    "attack": {
+                        "class_path": "crossres.attacks.CarliniWagnerL2",
+                        "init_args": {"binary_search_steps": 2, "steps": 8},
+                    },
+                },
+            },
+            {
+                "class_path": "crossres.callbacks.AttackCallback",
+                "init_args": {
+                    "name": "DR (8-6)",
+                    "objective": "impersonation",
+                    "attack": {
+                        "class_path": "crossres.attacks.DeepRepresentation",
+                        "init_args": {"epsilon": 8 / 255, "steps": 6},
+                    },
+                },
+            },
+        ],
+    },
+    "model": {
+        "class_path": "crossres.lightning_modules.FrozenTarget",
+        "init_args": {"targets": [{"name": "tiny_facenet", "label": "tiny"}]},
+    },
+    "data": {
+        "class_path": "crossres.datamodules.SyntheticFacesDataModule",
+        "init_args": {
+            "n_identities": 6,
+            "n_images": 4,
+            "resolutions": [8, 0],
+            "batch_size": 3,
+            "input_size": 64,
+        },
+    },
+}
+N_QUERIES = 6 * 2 * 2  # identities x query images x resolutions
+N_ROWS = N_QUERIES * 3  # clean + two attacks
+
+
+def write_config(tmp_path: Path, **overrides) -> Path:
+    cfg = yaml.safe_load(yaml.safe_dump(CONFIG))
+    for dotted, value in overrides.items():
+        node = cfg
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node[int(p)] if isinstance(node, list) else node[p]
+        node[leaf] = value
+    path = tmp_path / f"config-{len(list(tmp_path.glob('config-*')))}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_cli(config: Path, run_dir: Path, *extra: str) -> None:
+    main(["test", "--config", str(config), "--trainer.default_root_dir", str(run_dir), *extra])
+
+
+def cli_command(config: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "crossres.cli",
+        "test",
+        "--config",
+        str(config),
+        "--trainer.default_root_dir",
+        str(run_dir),
+        *extra,
+    ]
+
+
+def tables(run_dir: Path) -> dict:
+    return {(c.model, c.attack, c.resolution): c for c in summarize(ResultStore(run_dir).rows())}
+
+
+def assert_same_tables(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        for field in ("n", "success_rate", "hit_rate", "fpir_at_fnir"):
+            x, y = getattr(a[key], field), getattr(b[key], field)
+            assert (math.isnan(x) and math.isnan(y)) or x == pytest.approx(y), (key, field, x, y)
+        assert a[key].mean_l2 == pytest.approx(b[key].mean_l2, rel=1e-3, abs=1e-5), key
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[Path, Path]:
+    """One uninterrupted single-process run, shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("reference")
+    config = write_config(tmp)
+    run_cli(config, tmp / "run")
+    return config, tmp / "run"
+
+
+def test_smoke_run_writes_everything(reference):
+    _, run_dir = reference
+    rows = ResultStore(run_dir).rows()
+    assert len(rows) == N_ROWS
+    for name in ("run.json", "config.yaml", "report.md"):
+        assert (run_dir / name).is_file(), name
+    report = (run_dir / "report.md").read_text()
+    assert "Table 1: attack success rate" in report and "CW-L2 (2-8)" in report
+    dr = [r for r in rows if r.attack == "DR (8-6)"]
+    assert all(r.linf <= 8 / 255 + 1e-6 for r in dr)
+    assert all(r.target is not None and r.target != r.identity for r in dr)
+
+
+def test_rerun_resumes_and_changed_config_is_refused(reference, tmp_path):
+    config, run_dir = reference
+    before = [repr(r) for r in ResultStore(run_dir).rows()]  # repr: NaN == NaN
+    run_cli(config, run_dir)  # everything stored: nothing is attacked again
+    assert [repr(r) for r in ResultStore(run_dir).rows()] == before
+    changed = write_config(tmp_path, **{"trainer.callbacks.0.init_args.attack.init_args.steps": 9})
+    with pytest.raises(RunConfigMismatch, match="another configuration"):
+        run_cli(changed, run_dir)
+
+
+def test_sigkill_then_resume_gives_the_same_tables(reference, tmp_path):
+    config, ref_dir = reference
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(
+        cli_command(config, run_dir),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                n = len(ResultStore(run_dir).rows())
+            except Exception:  # the first file may be mid-creation
+                n = 0
+            if n >= 6:
+                break
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    partial = len(ResultStore(run_dir).rows())
+    assert 0 < partial < N_ROWS, f"kill landed outside the run ({partial} rows)"
+    run_cli(config, run_dir)
+    rows = ResultStore(run_dir).rows()
+    assert len(rows) == N_ROWS and len({r.key for r in rows}) == N_ROWS
+    assert_same_tables(tables(run_dir), tables(ref_dir))
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(reference, tmp_path):
+    config, ref_dir = reference
+    run_dir = tmp_path / "ddp"
+    out = subprocess.run(
+        cli_command(config, run_dir, "--trainer.strategy=ddp", "--trainer.devices=2"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(list((run_dir / "results").glob("rank-*.sqlite"))) == 2
+    rows = ResultStore(run_dir).rows()
+    assert len(rows) == N_ROWS
+    assert_same_tables(tables(run_dir), tables(ref_dir))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"model.init_args.targets.0.name": "no_such_model"}, "unknown model 'no_such_model'"),
+        ({"trainer.callbacks.1.init_args.attack.init_args.epsilon": -0.1}, "epsilon"),
+        ({"trainer.callbacks.0.init_args.attack.init_args.steps": 0}, "steps"),
+        ({"data.init_args.resolutions": []}, "resolutions"),
+        ({"model.init_args.targets.0.weights": "/no/such/file.pt"}, "/no/such/file.pt"),
+    ],
+)
+def test_bad_input_fails_before_crafting(tmp_path, override, message, capsys):
+    config = write_config(tmp_path, **override)
+    with pytest.raises((SystemExit, ValueError, FileNotFoundError, OSError)) as err:
+        run_cli(config, tmp_path / "run")
+    text = str(err.value) + capsys.readouterr().err
+    assert message in text
+    assert not (tmp_path / "run" / "results").exists()
