@@ -20,7 +20,7 @@ data: $(STAMP)
 	$(VENV)/bin/crossres fetch-faces
 
 run: data
-	$(VENV)/bin/crossres run-default
+	$(VENV)/bin/crossres test --config configs/default.yaml
 
 test: data
 	$(PY) -m pytest -q -p no:cacheprovider
