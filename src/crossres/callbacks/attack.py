@@ -94,6 +94,10 @@ class AttackCallback(pl.Callback):
         kwargs, targets = {}, None
         if self.objective in ("untargeted", "targeted"):
             labels = pl_module.class_index(label, identities)
+            # a query whose identity has no class (a non-mated query of the embedded data,
+            # enrolled nowhere) is pushed away from its clean prediction instead
+            clean_class = pl_module.class_index(label, clean_top1.to(identities.device))
+            labels = torch.where(labels < 0, clean_class, labels)
             if self.objective == "targeted":
                 targets = self.draw_targets(batch.sample_id, identities, target.class_ids.cpu())
                 kwargs["targets"] = pl_module.class_index(label, targets.to(identities.device))

@@ -1,8 +1,24 @@
 """Face models: every one takes float RGB in [0, 1] and normalises inside (see ``base``)."""
 
-from crossres.models import tiny  # noqa: F401  (registers tiny_facenet)
+from crossres.models import dlib_resnet, senet, tiny, timm_models  # noqa: F401  (registration)
 from crossres.models.base import FaceModel, GalleryClassifier, Normalize, PretrainedConfig
+from crossres.models.dlib_resnet import DlibResNet29
 from crossres.models.registry import build_model, list_models, register_model
+from crossres.models.senet import SEResNet50
+from crossres.models.tiny import TinyFaceNet
+from crossres.models.weights import WeightFileError, load_weights
 
-# INTEGRATION: senet, dlib_resnet, timm_models and weights are imported here (registering the
-# models) once they exist; import them from their modules meanwhile.
+__all__ = [
+    "DlibResNet29",
+    "FaceModel",
+    "GalleryClassifier",
+    "Normalize",
+    "PretrainedConfig",
+    "SEResNet50",
+    "TinyFaceNet",
+    "WeightFileError",
+    "build_model",
+    "list_models",
+    "load_weights",
+    "register_model",
+]
