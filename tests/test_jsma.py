@@ -380,3 +380,23 @@ def test_random_target_fallback_is_seeded_per_sample():
 def test_bad_knobs_are_named(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         JSMA(**kwargs)
+
+
+def test_runner_up_target_follows_the_runner_up_class():
+    """The cheap untargeted choice attacks towards the most likely other class: until the
+    first misclassification, its changes are those of a targeted run at that class."""
+    model = tiny_convnet(10, seed=7, dtype=torch.float64)
+    x = torch.rand(5, 3, 6, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    logits = model(x)
+    labels = logits.argmax(1)
+    runner_up = logits.scatter(1, labels.unsqueeze(1), -torch.inf).argmax(1)
+    cheap = JSMA(max_iter=40, theta=0.2, untargeted_target="runner_up")(model, x, labels)
+    assert cheap.success.any()
+    for i in range(5):
+        steps = int(cheap.iterations[i]) + 1  # the same number of checked images
+        targeted = JSMA(max_iter=steps, theta=0.2)(
+            model, x[i : i + 1], targets=runner_up[i : i + 1]
+        )
+        assert torch.equal(targeted.adversarial[0], cheap.adversarial[i])
+    with pytest.raises(ValueError, match="untargeted_target"):
+        JSMA(untargeted_target="second")

@@ -162,12 +162,14 @@ def test_error_grows_as_resolution_falls(kind, seed, w, h):
     phase change with r and the truncated long side, and an r whose factor fits the image's
     pixel grid can lose a few per cent less than a slightly larger r that does not (measured:
     up to ~6% at r/r' < 1.07 on smooth, 1/f and white-noise images). The paper's resolutions
-    (16, 24, 64, 256) are 1.5x apart or more, and that is what is asserted here.
+    (16, 24, 64, 256) are 1.5x apart or more, and that is what is asserted here, from 8 px up:
+    below that the image is little more than its mean colour and the error saturates (r = 2
+    and 3 were found within 0.05% of each other, in either order).
     """
     a = (smooth_image if kind == "smooth" else pink_image)(seed, w, h)
     img = Image.fromarray(a)
     short = min(w, h)
-    rs = sorted({r for r in (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96) if r < short} | {short})
+    rs = sorted({r for r in (8, 12, 16, 24, 32, 48, 64, 96) if r < short} | {short})
     err = {r: mse(degrade(img, r), a) for r in rs}
     assert err[short] == 0.0
     for lo in rs:

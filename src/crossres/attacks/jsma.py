@@ -72,6 +72,8 @@ class JSMA(Attack):
     max_iter: changes per sample at most (the paper: 1000).
     theta: size of one change as a fraction of the pixel range [0, 1] (0.1, 0.3, 0.5).
     max_perturbations_per_pixel: times one input component may be changed (10).
+    untargeted_target: "foolbox" (the paper's: foolbox 2's GradientAttack scan, up to 1000
+        forwards per sample) or "runner_up" (the most likely other class, one forward).
     seed: only for foolbox's random-target fallback (untargeted, when its gradient scan
         finds no misclassification); never touches the global RNG.
     """
@@ -85,6 +87,7 @@ class JSMA(Attack):
         theta: float = 0.1,
         max_perturbations_per_pixel: int = 10,
         seed: int = 0,
+        untargeted_target: str = "foolbox",
     ) -> None:
         if int(max_iter) != max_iter or max_iter < 1:
             raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
@@ -101,6 +104,11 @@ class JSMA(Attack):
             raise ValueError(f"theta is a fraction of the pixel range: must be <= 1, got {theta}")
         self.max_perturbations_per_pixel = int(max_perturbations_per_pixel)
         self.seed = int(seed)
+        if untargeted_target not in ("foolbox", "runner_up"):
+            raise ValueError(
+                f"untargeted_target must be 'foolbox' or 'runner_up', got {untargeted_target!r}"
+            )
+        self.untargeted_target = untargeted_target
 
     def __repr__(self) -> str:
         return (
@@ -118,6 +126,8 @@ class JSMA(Attack):
         if isinstance(objective, TargetedMisclassification):
             targets = objective.targets.to(device)
             active = torch.arange(n, device=device)
+        elif isinstance(objective, Misclassification) and self.untargeted_target == "runner_up":
+            targets, active = self._runner_up_targets(model, images, objective)
         elif isinstance(objective, Misclassification):
             targets, active = self._untargeted_targets(model, images, objective)
         else:
@@ -170,6 +180,17 @@ class JSMA(Attack):
         return x, iterations
 
     # ------------------------------------------------------------ target choice
+    @torch.no_grad()
+    def _runner_up_targets(
+        self, model: nn.Module, images: torch.Tensor, objective: Misclassification
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cheap choice (one forward): the most likely class other than the label."""
+        logits = model(images)
+        labels = objective.labels.to(images.device)
+        masked = logits.scatter(1, labels.unsqueeze(1), -torch.inf)
+        todo = torch.nonzero(~objective.achieved(logits)).squeeze(1)
+        return masked.argmax(1), todo
+
     def _untargeted_targets(
         self, model: nn.Module, images: torch.Tensor, objective: Misclassification
     ) -> tuple[torch.Tensor, torch.Tensor]:
