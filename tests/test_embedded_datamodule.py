@@ -158,3 +158,15 @@ def test_real_photographs_are_identified_by_the_dlib_model():
             nearest = torch.cdist(model.features(b.images), gallery.features).argmin(1)
             hits += (gallery.ids[nearest] == b.identity).tolist()
     assert len(hits) >= 30 and np.mean(hits) >= 0.9, np.mean(hits)
+
+
+def test_query_cap_keeps_the_gallery(photos):
+    full, capped = make(photos), make(photos, max_queries_per_identity=1)
+    assert capped.gallery_table().sample_id.tolist() == full.gallery_table().sample_id.tolist()
+    q_full, q_cap = full.query_table, capped.query_table
+    assert set(q_cap.sample_id.tolist()) <= set(q_full.sample_id.tolist())
+    counts = np.bincount(q_cap.identity, minlength=capped.num_classes)
+    assert counts.max() == 1
+    assert set(q_cap.identity.tolist()) == set(q_full.identity.tolist())
+    with pytest.raises(ValueError, match="max_queries_per_identity"):
+        make(photos, max_queries_per_identity=0)

@@ -21,6 +21,8 @@ class ResultStoreCallback(pl.Callback):
         return Path(self.run_dir or trainer.default_root_dir)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "test":  # the store holds benchmark results, not training runs
+            return
         store = ResultStore(self.resolve_dir(trainer))
         pl_module.done_keys = store.done_keys()
         trainer.strategy.barrier("crossres-store")  # every process has read before any writes

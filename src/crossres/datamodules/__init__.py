@@ -2,12 +2,15 @@
 synthetic faces (tests)."""
 
 from crossres.datamodules.base import MultiResolutionDataModule
+from crossres.datamodules.cr_data import CrossResolutionDataModule, FaceAugmentation
 from crossres.datamodules.embedded import EmbeddedFacesDataModule
 from crossres.datamodules.resolution import ResolutionTransform, degrade
 from crossres.datamodules.synthetic import SyntheticFacesDataModule
 from crossres.datamodules.vggface2 import VGGFace2DataModule
 
 __all__ = [
+    "CrossResolutionDataModule",
+    "FaceAugmentation",
     "EmbeddedFacesDataModule",
     "MultiResolutionDataModule",
     "ResolutionTransform",

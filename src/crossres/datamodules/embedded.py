@@ -77,6 +77,8 @@ class EmbeddedFacesDataModule(MultiResolutionDataModule):
     """Real faces that ship with the set-up (see the module docstring).
 
     faces_cache: where ``crossres fetch-faces`` cached them (None: ``cache_dir("faces")``).
+    max_queries_per_identity: keep at most this many of an identity's query photos (for short
+        runs); the dropped ones join neither split, so the gallery is unchanged.
     Use ``EmbeddedFacesDataModule.from_photos(photos, ...)`` to run on any list of
     ``FacePhoto`` records instead.
     """
@@ -86,6 +88,7 @@ class EmbeddedFacesDataModule(MultiResolutionDataModule):
         *,
         query_fraction: float = 0.5,
         n_single_queries: int = 20,
+        max_queries_per_identity: int | None = None,
         max_distractors: int | None = None,
         chip_size: int = 150,
         chip_padding: float = 0.25,
@@ -111,6 +114,10 @@ class EmbeddedFacesDataModule(MultiResolutionDataModule):
             raise ValueError(f"query_fraction must be in (0, 1), got {query_fraction}")
         if n_single_queries < 0:
             raise ValueError(f"n_single_queries must be >= 0, got {n_single_queries}")
+        if max_queries_per_identity is not None and max_queries_per_identity < 1:
+            raise ValueError(
+                f"max_queries_per_identity must be >= 1 or None, got {max_queries_per_identity}"
+            )
         if max_distractors is not None and max_distractors < 0:
             raise ValueError(f"max_distractors must be >= 0 or None, got {max_distractors}")
         if chip_size < 1 or chip_padding < 0:
@@ -119,6 +126,7 @@ class EmbeddedFacesDataModule(MultiResolutionDataModule):
             )
         self.query_fraction = float(query_fraction)
         self.n_single_queries = int(n_single_queries)
+        self.max_queries_per_identity = max_queries_per_identity
         self.max_distractors = max_distractors
         self.chip_size = int(chip_size)
         self.chip_padding = float(chip_padding)
@@ -170,9 +178,12 @@ class EmbeddedFacesDataModule(MultiResolutionDataModule):
             faces = groups[name]
             order = [faces[i] for i in seeded_order([_key(f) for f in faces], self.seed, "split")]
             k = split_count(len(faces), self.query_fraction)
-            query += order[:k]
+            # the cap drops queries (they join neither split), so the gallery, and what a CR
+            # model was trained on, stays that of the uncapped split
+            used = order[: min(k, self.max_queries_per_identity or k)]
+            query += used
             gallery += order[k:]
-            record += [{"face": _key(f), "identity": name, "split": "query"} for f in order[:k]]
+            record += [{"face": _key(f), "identity": name, "split": "query"} for f in used]
             record += [{"face": _key(f), "identity": name, "split": "gallery"} for f in order[k:]]
         opened = [multi[i] for i in seeded_order(multi, self.seed, "open-set")]
         non_mated = opened[: len(multi) // 2]
@@ -210,6 +221,7 @@ class EmbeddedFacesDataModule(MultiResolutionDataModule):
             "dataset": "embedded-faces",
             "seed": self.seed,
             "query_fraction": self.query_fraction,
+            "max_queries_per_identity": self.max_queries_per_identity,
             "chip": [self.chip_size, self.chip_padding],
             "split": self.split_record,
             "open_set": [list(self.open_set.mated), list(self.open_set.non_mated)],

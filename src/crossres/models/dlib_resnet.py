@@ -643,3 +643,16 @@ def dlib_resnet29(
         extra={**model.pretrained_cfg.extra, "weights_file": source, "weights_format": "dlib"},
     )
     return model.eval()
+
+
+@register_model("dlib_resnet29_cr")
+def dlib_resnet29_cr(weights: str | os.PathLike | None = None, **options) -> DlibResNet29:
+    """The cross-resolution fine-tune of dlib's embedder that the default benchmark compares
+    with the Base model: ``weights`` None trains it once with ``configs/cr_dlib.yaml``'s
+    recipe on the embedded faces' gallery split (minutes on 2 CPU cores) and caches it
+    (``crossres.lightning_modules.cr_training.ensure_cr_dlib_weights``); a path loads it."""
+    if weights is None:
+        from crossres.lightning_modules.cr_training import ensure_cr_dlib_weights
+
+        weights = ensure_cr_dlib_weights()
+    return dlib_resnet29(weights, **options)
