@@ -211,3 +211,19 @@ def test_bad_input_fails_before_crafting(tmp_path, override, message, capsys):
     text = str(err.value) + capsys.readouterr().err
     assert message in text
     assert not (tmp_path / "run" / "results").exists()
+
+
+def test_gallery_command_builds_the_templates(tmp_path, capsys):
+    config = write_config(tmp_path)
+    assert main(["gallery", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "tiny: 6 templates x 32" in out
+
+
+def test_report_command_rewrites_the_report(reference, tmp_path, capsys):
+    _, run_dir = reference
+    (run_dir / "report.md").unlink()
+    assert main(["report", str(run_dir)]) == 0
+    assert "Table 2: hit rate" in (run_dir / "report.md").read_text()
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no results/ folder" in capsys.readouterr().err

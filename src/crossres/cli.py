@@ -114,9 +114,33 @@ def fetch_faces_main(argv: list[str]) -> int:
 
 
 def gallery_main(argv: list[str]) -> int:
-    from crossres.callbacks.gallery import gallery_cli
-
-    return gallery_cli(argv)
+    """Build (and cache) every target's gallery templates for a benchmark config, without
+    attacking: ``crossres gallery --config FILE`` (the same YAML as ``crossres test``)."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: crossres gallery --config FILE [--model.* ... --data.* ...]")
+        return 0 if argv else 2
+    cli = CrossresCLI(
+        pl.LightningModule,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        trainer_defaults={"inference_mode": False, "logger": False},
+        save_config_callback=None,
+        seed_everything_default=0,
+        run=False,
+        args=argv,
+    )
+    if not hasattr(cli.model, "build_targets"):
+        print("crossres gallery: the config's model has no gallery (use FrozenTarget)",
+              file=sys.stderr)
+        return 2
+    cli.datamodule.setup("test")
+    cli.model.build_targets(cli.datamodule)
+    for label, target in cli.model.targets.items():
+        g = target.gallery
+        print(f"{label}: {len(g)} templates x {g.features.shape[1]} "
+              f"(model {target.model.pretrained_cfg.weights_hash[:12] or 'untracked'})")
+    return 0
 
 
 TOOLS = {"report": report_main, "fetch-faces": fetch_faces_main, "gallery": gallery_main}
