@@ -59,8 +59,13 @@ def test_loop(dm, module, attack) -> float:
     timer = LoopTimer()
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = pl.Trainer(
-            accelerator="cpu", devices=1, logger=False, inference_mode=False,
-            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            inference_mode=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
             default_root_dir=run_dir,
             callbacks=[ResultStoreCallback(), AttackCallback(attack, name="CW"), timer],
         )
@@ -72,10 +77,20 @@ def default_run_seconds() -> float:
     with tempfile.TemporaryDirectory() as run_dir:
         start = time.perf_counter()
         subprocess.run(
-            [sys.executable, "-m", "crossres.cli", "test", "--config",
-             str(Path(__file__).parents[1] / "configs" / "default.yaml"),
-             "--trainer.default_root_dir", run_dir, "--trainer.logger", "false"],
-            check=True, capture_output=True,
+            [
+                sys.executable,
+                "-m",
+                "crossres.cli",
+                "test",
+                "--config",
+                str(Path(__file__).parents[1] / "configs" / "default.yaml"),
+                "--trainer.default_root_dir",
+                run_dir,
+                "--trainer.logger",
+                "false",
+            ],
+            check=True,
+            capture_output=True,
         )
         return time.perf_counter() - start
 

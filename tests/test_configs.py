@@ -24,8 +24,11 @@ def check_node(node) -> None:
     if isinstance(node, dict):
         if "class_path" in node:
             cls = resolve(node["class_path"])
-            args = {k: v for k, v in (node.get("init_args") or {}).items()
-                    if not isinstance(v, dict) or "class_path" not in v}
+            args = {
+                k: v
+                for k, v in (node.get("init_args") or {}).items()
+                if not isinstance(v, dict) or "class_path" not in v
+            }
             inspect.signature(cls).bind_partial(**args)
         for value in node.values():
             check_node(value)
@@ -41,8 +44,11 @@ def test_config_classes_and_arguments_exist(path):
 
 def test_paper_configs_match_their_generator(tmp_path):
     before = {p.name: p.read_text() for p in (ROOT / "configs" / "paper").glob("*.yaml")}
-    subprocess.run([sys.executable, str(ROOT / "configs" / "paper" / "generate.py")],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "configs" / "paper" / "generate.py")],
+        check=True,
+        capture_output=True,
+    )
     after = {p.name: p.read_text() for p in (ROOT / "configs" / "paper").glob("*.yaml")}
     assert before == after
 

@@ -131,15 +131,19 @@ def gallery_main(argv: list[str]) -> int:
         args=argv,
     )
     if not hasattr(cli.model, "build_targets"):
-        print("crossres gallery: the config's model has no gallery (use FrozenTarget)",
-              file=sys.stderr)
+        print(
+            "crossres gallery: the config's model has no gallery (use FrozenTarget)",
+            file=sys.stderr,
+        )
         return 2
     cli.datamodule.setup("test")
     cli.model.build_targets(cli.datamodule)
     for label, target in cli.model.targets.items():
         g = target.gallery
-        print(f"{label}: {len(g)} templates x {g.features.shape[1]} "
-              f"(model {target.model.pretrained_cfg.weights_hash[:12] or 'untracked'})")
+        print(
+            f"{label}: {len(g)} templates x {g.features.shape[1]} "
+            f"(model {target.model.pretrained_cfg.weights_hash[:12] or 'untracked'})"
+        )
     return 0
 
 
