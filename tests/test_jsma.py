@@ -16,14 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from crossres.attacks.jsma import JSMA
 from crossres.attacks.objectives import Misclassification
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: intra-op threads only add overhead (and contention on shared CPUs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_convnet(classes: int, *, seed: int, size: int = 6, dtype=torch.float32) -> nn.Module:

@@ -10,13 +10,7 @@ from torch import nn
 from crossres.attacks.base import AttackResult
 from crossres.attacks.torchattacks_adapter import TorchattacksAttack
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_cnn(seed: int) -> nn.Module:
