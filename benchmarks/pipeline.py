@@ -48,7 +48,9 @@ def attacks_alone(dm, module, attack) -> float:
     batches = list(dm.test_dataloader())
     total = 0.0
     for batch in batches:
-        labels = module.class_index("Base", batch.identity)
+        with torch.no_grad():
+            clean_top1 = target.class_ids[target.model(batch.images).argmax(1)]
+        labels = module.attack_labels("Base", batch.identity, clean_top1)
         start = time.perf_counter()
         attack(target.model, batch.images, labels)
         total += time.perf_counter() - start

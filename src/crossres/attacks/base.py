@@ -42,6 +42,7 @@ class AttackResult:
     success: torch.Tensor
     iterations: torch.Tensor
     seconds: float = 0.0
+    #: "logits" (and "features" for crossres models) on ``adversarial``; attacks may add more
     extra: dict[str, Any] = field(default_factory=dict)
 
     def norms(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -104,7 +105,9 @@ class Attack(ABC):
             adversarial, iterations = self.run(model, source.clone(), objective)
             adversarial = self.project(source, adversarial.detach())
             with torch.no_grad():
-                success = objective.achieved(self.output(model, adversarial))
+                outputs = final_outputs(model, adversarial, self.reads)
+                read = outputs["logits"] if self.reads == "logits" else outputs["features"]
+                success = objective.achieved(read)
         if iterations.shape != (images.shape[0],):
             raise RuntimeError(f"{type(self).__name__}.run returned iterations of wrong shape")
         return AttackResult(
@@ -112,6 +115,7 @@ class Attack(ABC):
             success=success.to(torch.bool),
             iterations=iterations.to(torch.int64),
             seconds=time.perf_counter() - start,
+            extra=outputs,
         )
 
     def make_objective(self, images, labels, *, targets, gallery, k):
@@ -150,6 +154,18 @@ class Attack(ABC):
         self, model: nn.Module, images: torch.Tensor, objective: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Craft adversarial examples; return (adversarial [B, ...], iterations int [B])."""
+
+
+def final_outputs(model: nn.Module, x: torch.Tensor, reads: str) -> dict[str, torch.Tensor]:
+    """The model's outputs on the returned images, computed once: for crossres models with a
+    classifier both logits and features from one pass (callers need not run the model
+    again), otherwise what the attack reads."""
+    if getattr(model, "num_classes", 0) > 0 and hasattr(model, "features_and_logits"):
+        features, logits = model.features_and_logits(x)
+        return {"features": features, "logits": logits}
+    if reads == "features":
+        return {"features": model.features(x)}
+    return {"logits": model(x)}
 
 
 def check_images(images: torch.Tensor) -> None:

@@ -93,11 +93,7 @@ class AttackCallback(pl.Callback):
         images, identities = batch.images, batch.identity
         kwargs, targets = {}, None
         if self.objective in ("untargeted", "targeted"):
-            labels = pl_module.class_index(label, identities)
-            # a query whose identity has no class (a non-mated query of the embedded data,
-            # enrolled nowhere) is pushed away from its clean prediction instead
-            clean_class = pl_module.class_index(label, clean_top1.to(identities.device))
-            labels = torch.where(labels < 0, clean_class, labels)
+            labels = pl_module.attack_labels(label, identities, clean_top1)
             if self.objective == "targeted":
                 targets = self.draw_targets(batch.sample_id, identities, target.class_ids.cpu())
                 kwargs["targets"] = pl_module.class_index(label, targets.to(identities.device))
@@ -110,8 +106,7 @@ class AttackCallback(pl.Callback):
             else:
                 kwargs["labels"] = identities
             result = self.attack(target.model, images, **kwargs)
-        with torch.no_grad():
-            features, logits = target.model.features_and_logits(result.adversarial)
+        features, logits = result.extra["features"], result.extra["logits"]
         top1 = target.class_ids[logits.argmax(1)]
         norms = result.norms(images)
         seconds = (time.perf_counter() - start) / len(batch)

@@ -132,6 +132,15 @@ class FrozenTarget(pl.LightningModule):
         match = ids.unsqueeze(0) == identities.unsqueeze(1)
         return torch.where(match.any(1), match.float().argmax(1), torch.full_like(identities, -1))
 
+    def attack_labels(
+        self, label: str, identities: torch.Tensor, clean_top1: torch.Tensor
+    ) -> torch.Tensor:
+        """Logit index an untargeted attack moves away from: the identity's class, or, for a
+        query enrolled nowhere (a non-mated query of the embedded data), its clean top-1."""
+        labels = self.class_index(label, identities)
+        clean_class = self.class_index(label, clean_top1.to(identities.device))
+        return torch.where(labels < 0, clean_class, labels)
+
     def score_rows(self, label: str, features: torch.Tensor, identities: torch.Tensor) -> dict:
         """Per-sample closed- and open-set search results (``ProbeSummary``: mate rank with
         ties against the probe, NIST IR 8271), plus the best non-mate score."""
