@@ -12,6 +12,7 @@ it returns 0).
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,3 +152,70 @@ def abort_period(steps: int) -> int:
     """Iterations between two early-abort checks: steps // 10 as in Carlini's code, at least 1
     (his code divides by zero below 10 steps)."""
     return max(1, steps // 10)
+
+
+#: One optimisation step of a sample set: (state, classes, constants, k) -> (loss, the point
+#: the logits were taken at, its score for the best keeper, success there). It updates state.
+Step = Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, int], tuple]
+
+
+def binary_search_attack(
+    images: torch.Tensor,
+    classes: torch.Tensor,
+    *,
+    binary_search_steps: int,
+    steps: int,
+    initial_const: float,
+    abort_early: bool,
+    abort_ratio: float,
+    start: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    step: Step,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The driver CW and EAD share: per-sample binary search over c (with 10 steps or more
+    the last runs at the upper bound, where that is new), per-sample early abort every
+    ``steps // 10`` iterations, a start that is already adversarial finished at once, and the
+    active set compacted whenever samples stop, so stopped samples cost nothing more.
+
+    ``start(active)`` gives the algorithm's state for the active samples (tensors indexed like
+    ``active``); ``step`` is one iteration. Returns (best adversarial, iterations per sample).
+    """
+    n, device, dtype = images.shape[0], images.device, images.dtype
+    best = BestKeeper(images)  # samples never successful return their source
+    search = ConstSearch.start(n, initial_const, device)
+    iterations = torch.zeros(n, dtype=torch.int64, device=device)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    period = abort_period(steps)
+    for outer in range(binary_search_steps):
+        pending = ~done
+        if outer == binary_search_steps - 1 and binary_search_steps >= REPEAT_FROM:
+            pending &= search.repeat_upper()
+        active = pending.nonzero().squeeze(1)
+        if active.numel() == 0:
+            break
+        # state of the active samples only; per-sample results live in full-size tensors
+        state = start(active)
+        cls, const = classes[active], search.const[active].to(dtype)
+        prev = torch.full((active.numel(),), float("inf"), dtype=dtype, device=device)
+        found = torch.zeros(n, dtype=torch.bool, device=device)
+        for k in range(steps):
+            loss, point, score, success = step(state, cls, const, k)
+            iterations[active] += 1
+            best.offer(active, point, score, success)
+            found[active] |= success
+            stop = None
+            if abort_early and k % period == 0:
+                stop = loss > prev * abort_ratio
+                prev = loss
+            if outer == 0 and k == 0:
+                # adversarial at the start: distance 0, nothing can do better
+                done[active] = success
+                stop = success if stop is None else stop | success
+            if stop is not None and bool(stop.any()):
+                keep = ~stop
+                active = active[keep]
+                state = {name: t[keep] for name, t in state.items()}
+                cls, const, prev = cls[keep], const[keep], prev[keep]
+                if active.numel() == 0:
+                    break
+        search.update(found)
+    return best.adv, iterations

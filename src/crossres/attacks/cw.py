@@ -31,10 +31,7 @@ import torch
 from torch import nn
 
 from crossres.attacks._margin import (
-    REPEAT_FROM,
-    BestKeeper,
-    ConstSearch,
-    abort_period,
+    binary_search_attack,
     class_targets,
     count,
     margin_loss,
@@ -96,70 +93,48 @@ class CarliniWagnerL2(Attack):
         self, model: nn.Module, images: torch.Tensor, objective: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         classes, targeted = class_targets(objective)
-        device, dtype = images.device, images.dtype
-        classes = classes.to(device).clone()  # a normal tensor even if made in inference mode
-        n = images.shape[0]
+        classes = classes.to(
+            images.device
+        ).clone()  # a normal tensor even if made in inference mode
         w_start = torch.atanh((images * 2 - 1) * TANH_SHRINK)
         origin = (torch.tanh(w_start) + 1) / 2  # the start image, what L2 is measured to
-        best = BestKeeper(images)  # samples never successful return their source
-        search = ConstSearch.start(n, self.initial_const, device)
-        iterations = torch.zeros(n, dtype=torch.int64, device=device)
-        done = torch.zeros(n, dtype=torch.bool, device=device)
-        period = abort_period(self.steps)
         beta1, beta2 = ADAM_BETAS
         kw = {"targeted": targeted, "confidence": self.confidence}
 
-        for outer in range(self.binary_search_steps):
-            pending = ~done
-            if outer == self.binary_search_steps - 1 and self.binary_search_steps >= REPEAT_FROM:
-                pending &= search.repeat_upper()
-            active = pending.nonzero().squeeze(1)
-            if active.numel() == 0:
-                break
-            # State of the active samples only; per-sample results live in full-size tensors.
+        def start(active: torch.Tensor) -> dict[str, torch.Tensor]:
+            # every binary-search step restarts from w0 with a fresh Adam
             w = w_start[active]
-            m = torch.zeros_like(w)
-            v = torch.zeros_like(w)
-            ref, cls = origin[active], classes[active]
-            const = search.const[active].to(dtype)
-            prev = torch.full((active.numel(),), float("inf"), dtype=dtype, device=device)
-            found = torch.zeros(n, dtype=torch.bool, device=device)
-            for k in range(self.steps):
-                w = w.detach().requires_grad_(True)
-                x = (torch.tanh(w) + 1) / 2
-                logits = self.output(model, x)
-                l2 = (x - ref).flatten(1).pow(2).sum(1)
-                loss = l2 + const * margin_loss(logits.to(dtype), cls, **kw)
-                (grad,) = torch.autograd.grad(loss.sum(), w)
-                w, x, l2, loss = w.detach(), x.detach(), l2.detach(), loss.detach()
+            return {
+                "w": w,
+                "m": torch.zeros_like(w),
+                "v": torch.zeros_like(w),
+                "ref": origin[active],
+            }
 
-                success = search_success(logits.detach(), cls, **kw)
-                iterations[active] += 1
-                best.offer(active, x, l2, success)
-                found[active] |= success
+        def step(state, cls, const, k):
+            w = state["w"].detach().requires_grad_(True)
+            x = (torch.tanh(w) + 1) / 2
+            logits = self.output(model, x)
+            l2 = (x - state["ref"]).flatten(1).pow(2).sum(1)
+            loss = l2 + const * margin_loss(logits.to(images.dtype), cls, **kw)
+            (grad,) = torch.autograd.grad(loss.sum(), w)
+            success = search_success(logits.detach(), cls, **kw)
+            # Adam, elementwise: every active sample started this binary step together
+            t, m, v = k + 1, state["m"], state["v"]
+            m.mul_(beta1).add_(grad, alpha=1 - beta1)
+            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(ADAM_EPS)
+            state["w"] = w.detach().addcdiv(m, denom, value=-self.learning_rate / (1 - beta1**t))
+            return loss.detach(), x.detach(), l2.detach(), success
 
-                # Adam, elementwise: every active sample started this binary step together.
-                t = k + 1
-                m.mul_(beta1).add_(grad, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(ADAM_EPS)
-                w = w.addcdiv(m, denom, value=-self.learning_rate / (1 - beta1**t))
-
-                stop = None
-                if self.abort_early and k % period == 0:
-                    stop = loss > prev * ABORT_RATIO
-                    prev = loss
-                if outer == 0 and k == 0:
-                    # adversarial at the start: distance 0, nothing can do better
-                    done[active] = success
-                    stop = success if stop is None else stop | success
-                if stop is not None and bool(stop.any()):
-                    keep = ~stop
-                    active = active[keep]
-                    w, m, v, ref, cls, const, prev = (
-                        t_[keep] for t_ in (w, m, v, ref, cls, const, prev)
-                    )
-                    if active.numel() == 0:
-                        break
-            search.update(found)
-        return best.adv, iterations
+        return binary_search_attack(
+            images,
+            classes,
+            binary_search_steps=self.binary_search_steps,
+            steps=self.steps,
+            initial_const=self.initial_const,
+            abort_early=self.abort_early,
+            abort_ratio=ABORT_RATIO,
+            start=start,
+            step=step,
+        )

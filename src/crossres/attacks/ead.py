@@ -28,10 +28,7 @@ import torch
 from torch import nn
 
 from crossres.attacks._margin import (
-    REPEAT_FROM,
-    BestKeeper,
-    ConstSearch,
-    abort_period,
+    binary_search_attack,
     class_targets,
     count,
     margin_loss,
@@ -107,65 +104,45 @@ class ElasticNet(Attack):
         self, model: nn.Module, images: torch.Tensor, objective: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         classes, targeted = class_targets(objective)
-        device, dtype = images.device, images.dtype
-        classes = classes.to(device).clone()  # a normal tensor even if made in inference mode
-        n = images.shape[0]
-        best = BestKeeper(images)
-        search = ConstSearch.start(n, self.initial_const, device)
-        iterations = torch.zeros(n, dtype=torch.int64, device=device)
-        done = torch.zeros(n, dtype=torch.bool, device=device)
-        period = abort_period(self.steps)
+        classes = classes.to(
+            images.device
+        ).clone()  # a normal tensor even if made in inference mode
         beta = self.beta
         kw = {"targeted": targeted, "confidence": self.confidence}
 
-        for outer in range(self.binary_search_steps):
-            pending = ~done
-            if outer == self.binary_search_steps - 1 and self.binary_search_steps >= REPEAT_FROM:
-                pending &= search.repeat_upper()
-            active = pending.nonzero().squeeze(1)
-            if active.numel() == 0:
-                break
-            ref, cls = images[active], classes[active]
-            const = search.const[active].to(dtype)
-            x = ref.clone()  # x_k, the shrinkage iterate
-            y = ref.clone()  # y_k, the slack point the model sees
-            prev = torch.full((active.numel(),), float("inf"), dtype=dtype, device=device)
-            found = torch.zeros(n, dtype=torch.bool, device=device)
-            for k in range(self.steps):
-                y = y.detach().requires_grad_(True)
-                logits = self.output(model, y)
-                l2 = (y - ref).flatten(1).pow(2).sum(1)
-                smooth = l2 + const * margin_loss(logits.to(dtype), cls, **kw)
-                (grad,) = torch.autograd.grad(smooth.sum(), y)
-                y = y.detach()
-                l1 = (y - ref).abs().flatten(1).sum(1)
-                loss = smooth.detach() + beta * l1
-                score = l2.detach() + beta * l1 if self.decision_rule == "EN" else l1
+        def start(active: torch.Tensor) -> dict[str, torch.Tensor]:
+            ref = images[active]
+            # x_k, the shrinkage iterate, and y_k, the slack point the model sees
+            return {"x": ref.clone(), "y": ref.clone(), "ref": ref}
 
-                success = search_success(logits.detach(), cls, **kw)
-                iterations[active] += 1
-                best.offer(active, y, score, success)
-                found[active] |= success
+        def step(state, cls, const, k):
+            ref = state["ref"]
+            y = state["y"].detach().requires_grad_(True)
+            logits = self.output(model, y)
+            l2 = (y - ref).flatten(1).pow(2).sum(1)
+            smooth = l2 + const * margin_loss(logits.to(images.dtype), cls, **kw)
+            (grad,) = torch.autograd.grad(smooth.sum(), y)
+            y = y.detach()
+            l1 = (y - ref).abs().flatten(1).sum(1)
+            loss = smooth.detach() + beta * l1
+            score = l2.detach() + beta * l1 if self.decision_rule == "EN" else l1
+            success = search_success(logits.detach(), cls, **kw)
 
-                lr = self.learning_rate * (1 - k / self.steps) ** 0.5
-                x_next = shrink(y - lr * grad, ref, beta)
-                momentum = (k + 1) / (k + 4)
-                y = (x_next + momentum * (x_next - x)).clamp_(0.0, 1.0)
-                x = x_next
+            lr = self.learning_rate * (1 - k / self.steps) ** 0.5
+            x_next = shrink(y - lr * grad, ref, beta)
+            momentum = (k + 1) / (k + 4)
+            state["y"] = (x_next + momentum * (x_next - state["x"])).clamp_(0.0, 1.0)
+            state["x"] = x_next
+            return loss, y, score, success
 
-                stop = None
-                if self.abort_early and k % period == 0:
-                    stop = loss > prev * ABORT_RATIO
-                    prev = loss
-                if outer == 0 and k == 0:
-                    # adversarial at the start: distance 0, nothing can do better
-                    done[active] = success
-                    stop = success if stop is None else stop | success
-                if stop is not None and bool(stop.any()):
-                    keep = ~stop
-                    active = active[keep]
-                    x, y, ref, cls, const, prev = (t_[keep] for t_ in (x, y, ref, cls, const, prev))
-                    if active.numel() == 0:
-                        break
-            search.update(found)
-        return best.adv, iterations
+        return binary_search_attack(
+            images,
+            classes,
+            binary_search_steps=self.binary_search_steps,
+            steps=self.steps,
+            initial_const=self.initial_const,
+            abort_early=self.abort_early,
+            abort_ratio=ABORT_RATIO,
+            start=start,
+            step=step,
+        )
