@@ -180,6 +180,7 @@ def binary_search_attack(
     ``active``); ``step`` is one iteration. Returns (best adversarial, iterations per sample).
     """
     n, device, dtype = images.shape[0], images.device, images.dtype
+    classes = classes.to(device).clone()  # a normal tensor even if made in inference mode
     best = BestKeeper(images)  # samples never successful return their source
     search = ConstSearch.start(n, initial_const, device)
     iterations = torch.zeros(n, dtype=torch.int64, device=device)

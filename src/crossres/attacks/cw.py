@@ -93,9 +93,6 @@ class CarliniWagnerL2(Attack):
         self, model: nn.Module, images: torch.Tensor, objective: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         classes, targeted = class_targets(objective)
-        classes = classes.to(
-            images.device
-        ).clone()  # a normal tensor even if made in inference mode
         w_start = torch.atanh((images * 2 - 1) * TANH_SHRINK)
         origin = (torch.tanh(w_start) + 1) / 2  # the start image, what L2 is measured to
         beta1, beta2 = ADAM_BETAS

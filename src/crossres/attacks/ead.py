@@ -104,9 +104,6 @@ class ElasticNet(Attack):
         self, model: nn.Module, images: torch.Tensor, objective: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         classes, targeted = class_targets(objective)
-        classes = classes.to(
-            images.device
-        ).clone()  # a normal tensor even if made in inference mode
         beta = self.beta
         kw = {"targeted": targeted, "confidence": self.confidence}
 

@@ -188,16 +188,13 @@ class FrozenTarget(pl.LightningModule):
         top1: torch.Tensor,
         **per_sample,
     ) -> list[ResultRow]:
-        """Rows for a batch; ``per_sample`` holds tensors or lists of length B (or scalars)."""
+        """Rows for a batch; ``per_sample`` holds tensors or lists of length B (or scalars).
+        ``top1`` is the prediction on the scored images: clean or adversarial by ``attack``."""
         sc = self.score_rows(label, features, batch.identity)
+        per_sample["clean_top1" if attack == CLEAN else "adv_top1"] = top1
         rows = []
         for i in range(len(batch)):
-            extra = {
-                k: (v[i].item() if isinstance(v, torch.Tensor) else v[i])
-                if isinstance(v, torch.Tensor | list)
-                else v
-                for k, v in per_sample.items()
-            }
+            extra = {k: _item(v, i) for k, v in per_sample.items()}
             rows.append(
                 ResultRow(
                     model=label,
@@ -205,8 +202,6 @@ class FrozenTarget(pl.LightningModule):
                     sample_id=int(batch.sample_id[i]),
                     resolution=int(batch.resolution[i]),
                     identity=int(batch.identity[i]),
-                    clean_top1=int(top1[i]) if attack == CLEAN else extra.pop("clean_top1", -1),
-                    adv_top1=int(top1[i]) if attack != CLEAN else -1,
                     mate_rank=int(sc["mate_rank"][i]),
                     mate_score=float(sc["mate_score"][i]),
                     best_nonmate_score=float(sc["best_nonmate_score"][i]),
@@ -234,3 +229,10 @@ class FrozenTarget(pl.LightningModule):
         if have is not None:
             clean, adv = torch.cat([have[0], clean]), torch.cat([have[1], adv])
         self.examples[(label, attack)] = (clean, adv)
+
+
+def _item(value, i: int):
+    """The i-th sample's value of a per-sample tensor or list; a scalar is every sample's."""
+    if isinstance(value, torch.Tensor):
+        return value[i].item()
+    return value[i] if isinstance(value, list) else value
