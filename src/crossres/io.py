@@ -16,10 +16,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from crossres.errors import CrossresError
+
 SIDECAR_SUFFIX = ".sha256"
 
 
-class CorruptFileError(RuntimeError):
+class CorruptFileError(CrossresError):
     """A cached or recorded file does not match the hash written beside it."""
 
 
