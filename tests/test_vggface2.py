@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from torch import nn
 from crossres.datamodules.base import CorruptImageError, seeded_order
 from crossres.datamodules.gallery import compute_templates
 from crossres.datamodules.manifest import QueryManifest, model_hash
+from crossres.datamodules.query_selection import prepare_queries, select_queries
 from crossres.datamodules.resolution import ResolutionTransform
 from crossres.datamodules.vggface2 import (
     VGGFace2DataModule,
@@ -98,6 +98,11 @@ def recolour(root: Path, relpath: str, k: int) -> None:
     write_face(root / "train" / relpath, COLORS[k], (8, 10, 34, 40), size, seed=7)
 
 
+def selected(dm: VGGFace2DataModule, model: FaceModel) -> QueryManifest:
+    """The query selection step, and the manifest it wrote."""
+    return QueryManifest.load(select_queries(dm, model))
+
+
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
     return make_tree(tmp_path / "vggface2")
@@ -130,7 +135,7 @@ def test_selection_manifest_loading_and_gallery_end_to_end(tree, tmp_path):
     for f in dm.split(rejected)[0][:2]:
         recolour(tree, f, (CLASS_IDS.index(rejected) + 1) % 6)
 
-    manifest = dm.select_queries(model)
+    manifest = selected(dm, model)
     on_disk = json.loads((tmp_path / "m.json").read_text())
     assert on_disk["model_hashes"] == [model_hash(model)] and on_disk["seed"] == 0
     assert manifest.rejected_identities == [{"class_id": rejected, "correct": 2, "candidates": 4}]
@@ -149,7 +154,7 @@ def test_selection_manifest_loading_and_gallery_end_to_end(tree, tmp_path):
     again = VGGFace2DataModule(
         str(tree), str(tmp_path / "m2.json"), n_identities=5, n_images=3, **SMALL
     )
-    assert again.select_queries(model).content_hash() == manifest.content_hash()
+    assert selected(again, model).content_hash() == manifest.content_hash()
 
     # a later run (another process) only reads the manifest
     run = VGGFace2DataModule(
@@ -194,31 +199,29 @@ def test_selection_manifest_loading_and_gallery_end_to_end(tree, tmp_path):
     assert (model.classify(g.features).argmax(1) == g.ids).all()
 
 
-def test_prepare_data_selects_once_and_other_weights_are_refused(tree, tmp_path, monkeypatch):
+def test_prepare_queries_selects_once_and_other_weights_are_refused(tree, tmp_path, monkeypatch):
+    # what `crossres test` runs before testing: select when the manifest is missing
     monkeypatch.setenv("CROSSRES_CACHE", str(tmp_path / "cache"))
     model = ColourNet()
-    fake_trainer = SimpleNamespace(
-        lightning_module=SimpleNamespace(models=nn.ModuleDict({"base": model})),
-        strategy=SimpleNamespace(root_device=torch.device("cpu")),
-    )
     dm = VGGFace2DataModule(str(tree), n_identities=3, n_images=2, **SMALL)
-    dm.trainer = fake_trainer
-    dm.prepare_data()
+    prepare_queries(dm, [model], device=torch.device("cpu"))
     written = list((tmp_path / "cache" / "manifests").glob("vggface2-3x2-seed0-*.json"))
     assert len(written) == 1
     dm.setup("test")
     assert len(dm.query_table) == 6
 
     # the same model in another process finds the same manifest
+    mtime = written[0].stat().st_mtime_ns
     dm2 = VGGFace2DataModule(str(tree), n_identities=3, n_images=2, **SMALL)
-    dm2.trainer = fake_trainer
+    assert prepare_queries(dm2, [model]) == written[0]
     dm2.setup("test")
     assert dm2.manifest_hash == dm.manifest_hash
+    assert written[0].stat().st_mtime_ns == mtime  # selected once
 
     # other weights with that manifest: refused
     other = ColourNet(shift=0.01)
     dm3 = VGGFace2DataModule(str(tree), str(written[0]), n_identities=3, n_images=2, **SMALL)
-    dm3.trainer = SimpleNamespace(lightning_module=SimpleNamespace(model=other))
+    prepare_queries(dm3, [other])
     with pytest.raises(ValueError, match="selected with the models"):
         dm3.setup("test")
     # other settings with that manifest: refused, naming the setting
@@ -243,14 +246,14 @@ def test_corrupt_query_candidate_stops_or_is_skipped_and_counted(tree, tmp_path)
     with pytest.raises(
         CorruptImageError, match=r"cannot read image .*n0000(02|03)/.*skip_corrupt=True"
     ):
-        dm.select_queries(model)
+        selected(dm, model)
     assert not (tmp_path / "m.json").exists()
 
     dm = VGGFace2DataModule(
         str(tree), str(tmp_path / "m.json"), n_identities=6, n_images=2, skip_corrupt=True, **SMALL
     )
     with pytest.warns(UserWarning, match="2 unreadable image"):
-        manifest = dm.select_queries(model)
+        manifest = selected(dm, model)
     skipped = {s["path"] for s in manifest.skipped}
     assert skipped == {garbage, truncated}
     assert not skipped & {q.path for q in manifest.queries}
@@ -263,7 +266,7 @@ def test_corrupt_gallery_image_names_the_file(tree, tmp_path):
         str(tree), str(tmp_path / "m.json"), n_identities=2, n_images=2, num_workers=1, **SMALL
     )
     model = ColourNet()
-    dm.select_queries(model)
+    selected(dm, model)
     dm.setup("test")
     bad = dm.gallery_table().paths[5]
     (tree / "train" / bad).write_bytes(b"\xff\xd8\xff garbage")
@@ -280,17 +283,17 @@ def test_missing_files_name_the_expected_layout(tree, tmp_path):
     with pytest.raises(
         VGGFace2LayoutError, match=r"bb_landmark/loose_bb_train.csv.*crop_margin=None"
     ):
-        dm.select_queries(model)
+        selected(dm, model)
     # without the boxes, the loose crops are used as they are
     loose = VGGFace2DataModule(
         str(tree), str(tmp_path / "m.json"), n_identities=2, n_images=2, crop_margin=None, **SMALL
     )
-    assert len(loose.select_queries(model).queries) == 4
+    assert len(selected(loose, model).queries) == 4
     (tmp_path / "boxes.csv").rename(tree / "bb_landmark" / "loose_bb_train.csv")
 
     (tree / "meta" / "identity_meta.csv").rename(tmp_path / "meta.csv")
     with pytest.raises(VGGFace2LayoutError, match=r"meta/identity_meta.csv.*train/<class_id>"):
-        dm.select_queries(model)
+        selected(dm, model)
     (tmp_path / "meta.csv").rename(tree / "meta" / "identity_meta.csv")
 
     with pytest.raises(FileNotFoundError, match=r"query manifest not found: .*nope.json"):
@@ -316,7 +319,7 @@ def test_layout_and_size_errors(tree, tmp_path):
         str(tree), str(tmp_path / "m.json"), n_identities=2, n_images=5, **SMALL
     )
     with pytest.raises(ValueError, match="only 0 identities have 5 or more query-split images"):
-        dm.select_queries(model)
+        selected(dm, model)
     # the box of a query candidate missing from the CSV
     dm = VGGFace2DataModule(
         str(tree), str(tmp_path / "m.json"), n_identities=6, n_images=2, **SMALL
@@ -328,7 +331,7 @@ def test_layout_and_size_errors(tree, tmp_path):
         "\n".join(x for x in csv.read_text().splitlines() if not x.startswith(f'"{name}"'))
     )
     with pytest.raises(VGGFace2LayoutError, match=rf"no box for \['{name}'\]"):
-        dm.select_queries(model)
+        selected(dm, model)
     # an identity folder that is empty, then missing
     for f in (tree / "train" / "n000021").iterdir():
         f.unlink()
@@ -336,25 +339,25 @@ def test_layout_and_size_errors(tree, tmp_path):
         str(tree), str(tmp_path / "m.json"), n_identities=2, n_images=2, **SMALL
     )
     with pytest.raises(VGGFace2LayoutError, match=r"identity n000021 has no image"):
-        dm.select_queries(model)
+        selected(dm, model)
     (tree / "train" / "n000021").rmdir()
     dm = VGGFace2DataModule(
         str(tree), str(tmp_path / "m.json"), n_identities=2, n_images=2, **SMALL
     )
     with pytest.raises(VGGFace2LayoutError, match=r"1 training identities .* no folder"):
-        dm.select_queries(model)
+        selected(dm, model)
     # a classifier over another number of classes
     small = ColourNet()
     small.pretrained_cfg = PretrainedConfig(num_classes=5)
     with pytest.raises(ValueError, match="classifies 5 classes"):
-        dm.select_queries(small)
+        selected(dm, small)
 
 
 def test_a_changed_gallery_is_detected(tree, tmp_path):
     dm = VGGFace2DataModule(
         str(tree), str(tmp_path / "m.json"), n_identities=2, n_images=2, **SMALL
     )
-    dm.select_queries(ColourNet())
+    selected(dm, ColourNet())
     (tree / "train" / dm.split("n000008")[1][0]).unlink()  # a gallery image disappears
     later = VGGFace2DataModule(
         str(tree), str(tmp_path / "m.json"), n_identities=2, n_images=2, **SMALL

