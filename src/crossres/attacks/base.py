@@ -174,7 +174,8 @@ def check_images(images: torch.Tensor) -> None:
         raise ValueError(f"images must be a float tensor [B, C, H, W], got {shape}")
     if not images.is_floating_point():
         raise ValueError(f"images must be floating point in [0, 1], got dtype {images.dtype}")
-    if images.numel() and (images.min() < 0 or images.max() > 1):
+    # one host synchronisation for both bounds
+    if images.numel() and bool(torch.logical_or(images.min() < 0, images.max() > 1)):
         raise ValueError(
             f"images must lie in [0, 1], got range [{images.min().item():.4g}, "
             f"{images.max().item():.4g}]; pass unnormalised images (models normalise inside)"

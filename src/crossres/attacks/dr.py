@@ -25,6 +25,8 @@ feature is off its template).
 Batching: each sample has its own scipy L-BFGS-B, so its path is exactly the one it would
 take alone, and all live samples are evaluated together, one batched forward+backward per
 round, in the calling thread (where grad mode and the model live); finished samples leave.
+L-BFGS-B runs on the host, so each round copies its answers (loss, k-NN verdict, gradient)
+to the host once, in one transfer.
 With scipy >= 1.15 the samples' L-BFGS-B states are driven through scipy's own
 reverse-communication routine (``setulb``, the loop of ``scipy.optimize.minimize``
 replicated, including its ``maxiter``/``maxfun`` checks and its cache of the last point), so
@@ -182,10 +184,10 @@ class DeepRepresentation(Attack):
                 f, a = F.normalize(f, dim=1), F.normalize(a, dim=1)
             loss = sign * (f - a).pow(2).sum(1)
             (grad,) = torch.autograd.grad(loss.sum(), x)
-            values = loss.detach().double().cpu().numpy()
-            grads = grad.detach().double().cpu().numpy().reshape(len(index), -1)
-            hits = reached.cpu().numpy()
-            return [(float(values[j]), grads[j], bool(hits[j])) for j in range(len(index))]
+            # one device-to-host copy per round: [loss, reached, gradient...] per sample
+            parts = (loss.detach()[:, None], reached[:, None], grad.detach().flatten(1))
+            host = torch.cat([t.double() for t in parts], 1).cpu().numpy()
+            return [(float(row[0]), row[2:], bool(row[1])) for row in host]
 
         lo = lower.double().cpu().numpy().reshape(n, -1)
         hi = upper.double().cpu().numpy().reshape(n, -1)
@@ -197,9 +199,11 @@ class DeepRepresentation(Attack):
             outcome = self._threads(evaluate, x0, lo, hi)
         adversarial = torch.from_numpy(np.stack([o.x for o in outcome]))
         adversarial = adversarial.to(device=device, dtype=dtype).view_as(source)
-        _STATS.evaluations = torch.tensor([o.evaluations for o in outcome], dtype=torch.int64)
-        iterations = torch.tensor([o.iterations for o in outcome], dtype=torch.int64)
-        return adversarial, iterations.to(device)
+        _STATS.evaluations = torch.tensor(
+            [o.evaluations for o in outcome], dtype=torch.int64, device=device
+        )
+        iterations = torch.tensor([o.iterations for o in outcome], dtype=torch.int64, device=device)
+        return adversarial, iterations
 
     # ------------------------------------------------ reverse communication (scipy >= 1.15)
     def _drive(self, setulb, evaluate, x0, lo, hi) -> list[_Outcome]:

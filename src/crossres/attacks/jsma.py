@@ -47,7 +47,8 @@ and verdicts, sample for sample.
 
 Batching: every sample keeps its own target, domain, counters and stop; all live samples go
 through one forward and one backward per iteration, and finished samples (success, budget or
-stuck) leave the batch. ``iterations`` reports the changes applied to the returned image.
+stuck) leave the batch, at one host synchronisation per iteration (the compaction).
+``iterations`` reports the changes applied to the returned image.
 """
 
 from __future__ import annotations
@@ -141,40 +142,43 @@ class JSMA(Attack):
         # per-sample search domain and change counter, linear in the number of components
         domain = torch.ones_like(flat, dtype=torch.bool)
         counts = torch.zeros_like(flat, dtype=torch.int32)
+        # a sample whose chosen change was 0 can never change again; it leaves the batch at
+        # the next iteration's compaction, so each iteration synchronises with the device once
+        stuck = torch.zeros(n, dtype=torch.bool, device=device)
         for step in range(self.max_iter):
             if active.numel() == 0:
                 break
             xa = x[active].requires_grad_(True)
             logits = model(xa)
             with torch.no_grad():
-                done = objective.subset(active).achieved(logits.detach())
                 if step == self.max_iter - 1:  # the next change would never be checked
-                    done = torch.ones_like(done)
-            keep = ~done
-            iterations[active[done]] = step
-            if not bool(keep.any()):
+                    done = torch.ones_like(active, dtype=torch.bool)
+                else:
+                    done = objective.subset(active).achieved(logits.detach())
+                was_stuck = stuck[active]
+                finished = iterations[active]
+                iterations[active] = torch.where(done & ~was_stuck, step, finished)
+                keep = torch.nonzero(~(done | was_stuck)).squeeze(1)  # the one sync
+            if keep.numel() == 0:
                 break
-            loss = F.cross_entropy(logits[keep], targets[active[keep]], reduction="sum")
+            rows = active[keep]
+            loss = F.cross_entropy(logits[keep], targets[rows], reduction="sum")
             (grad,) = torch.autograd.grad(loss, xa)
             with torch.no_grad():
-                rows = active[keep]
                 alpha = grad[keep].reshape(rows.numel(), -1)
                 alpha = alpha * domain[rows]
                 # fast=True: saliency = alpha * beta = -alpha; its argmin is the largest signed
                 # alpha, masked components counting as 0 (first on ties, as np.argmin)
                 idx = alpha.argmax(1)
                 value = alpha.gather(1, idx[:, None]).squeeze(1)
-                stuck = value == 0
-                iterations[rows[stuck]] = step
-                rows, idx, value = rows[~stuck], idx[~stuck], value[~stuck]
+                moves = value != 0  # sign(0) = 0: a stuck sample's image stays as it is
+                stuck[rows] = ~moves
+                iterations[rows] = torch.where(moves, iterations[rows], step)
                 new = flat[rows, idx] - torch.sign(value).to(flat.dtype) * self.theta
-                counts[rows, idx] += 1
-                leaves = (
-                    (new <= 0)
-                    | (new >= 1)
-                    | (counts[rows, idx] >= self.max_perturbations_per_pixel)
-                )
-                domain[rows, idx] = ~leaves
+                changed = counts[rows, idx] + moves.to(counts.dtype)
+                counts[rows, idx] = changed
+                leaves = (new <= 0) | (new >= 1) | (changed >= self.max_perturbations_per_pixel)
+                domain[rows, idx] = torch.where(moves, ~leaves, domain[rows, idx])
                 flat[rows, idx] = new.clamp(0.0, 1.0)
                 active = rows
         return x, iterations
