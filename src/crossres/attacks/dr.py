@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from scipy.optimize import Bounds, minimize
 from torch import nn
 
-from crossres.attacks.base import Attack, AttackResult, positive
+from crossres.attacks.base import Attack, AttackResult, check_autocast, positive
 from crossres.attacks.objectives import Dodging
 
 _STATS = threading.local()
@@ -79,6 +79,8 @@ class DeepRepresentation(Attack):
     k, metric: the gallery k-NN that decides success ("euclidean" or "cosine").
     max_evaluations: function evaluations per sample at most (None: ``2 * steps + 10``).
     memory: L-BFGS-B's number of correction pairs (scipy's default 10).
+    autocast: None (full precision) or "bfloat16"/"float16": the model calls under
+        torch.autocast, the attack's own arithmetic in full precision.
 
     Call as ``attack(model, images, targets, gallery=g)`` (impersonation) or
     ``attack(model, images, labels=identities, gallery=g)`` (dodging). The result's
@@ -98,7 +100,9 @@ class DeepRepresentation(Attack):
         metric: str = "euclidean",
         max_evaluations: int | None = None,
         memory: int = 10,
+        autocast: str | None = None,
     ) -> None:
+        self.autocast = check_autocast(autocast)
         self.epsilon = float(positive("epsilon", epsilon))
         if int(steps) != steps or steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
@@ -121,7 +125,7 @@ class DeepRepresentation(Attack):
     def __repr__(self) -> str:
         return (
             f"DeepRepresentation(epsilon={self.epsilon}, steps={self.steps}, k={self.k}, "
-            f"metric={self.metric!r})"
+            f"metric={self.metric!r}, autocast={self.autocast!r})"
         )
 
     def __call__(  # type: ignore[override]
@@ -176,9 +180,10 @@ class DeepRepresentation(Attack):
             rows = torch.as_tensor(index, device=device)
             x = torch.from_numpy(points).to(device=device, dtype=dtype).view(-1, *shape)
             x = torch.minimum(torch.maximum(x, lower[rows]), upper[rows]).requires_grad_(True)
-            feats = model.features(x)
+            feats = self.output(model, x)
             with torch.no_grad():
                 reached = objective.subset(rows).achieved(feats.detach())
+                reached = self.confirm(model, x.detach(), reached, objective.subset(rows))
             f, a = feats, anchor[rows].to(feats.dtype)
             if self.metric == "cosine":
                 f, a = F.normalize(f, dim=1), F.normalize(a, dim=1)
