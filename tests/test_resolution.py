@@ -207,12 +207,13 @@ MODEL_INPUTS = [(224, 256), (150, None), (32, 36), (30, None), (16, 16), ((20, 2
 #: PIL resizes uint8 images in two passes (horizontal, vertical), rounding after each; the
 #: upsampling half is two resizes, so four roundings of < 0.5 each, passed on by convex filters:
 #: the smooth torch path is < 4 * 0.5 = 2/255 from PIL's, whatever the content. This analytic
-#: bound is also the issue's ceiling; measured over 1300 random cases: max 1.90/255, median
-#: 0.99/255 (no margin of 10x is possible: the rounding is PIL's). The filter and geometry are
-#: pinned much tighter by the float-mode test below.
+#: bound is also the issue's ceiling; measured over 2300 random cases: max 1.90/255, median
+#: 0.99/255 (no margin of 10x is possible: the rounding is PIL's; reproduce with
+#: benchmarks/lowres_upsample_error.py). The filter and geometry are pinned much tighter by
+#: the float-mode test below.
 UINT8_ATOL = 2 / 255
 #: PIL's float mode ("F", float32, no rounding) vs the torch path in float64: measured max
-#: 1.1e-7 over 200 random geometries (float32 resolution of PIL's accumulators).
+#: 1.1e-7 over 400 random geometries (float32 resolution of PIL's accumulators).
 FLOAT_ATOL = 1e-6
 
 
