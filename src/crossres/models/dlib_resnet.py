@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crossres.models.base import FaceModel, PretrainedConfig
+from crossres.models.prepared import prepared_weights
 from crossres.models.registry import register_model
 from crossres.paths import cache_dir, sha256_file
 
@@ -648,11 +649,11 @@ def dlib_resnet29(
 @register_model("dlib_resnet29_cr")
 def dlib_resnet29_cr(weights: str | os.PathLike | None = None, **options) -> DlibResNet29:
     """The cross-resolution fine-tune of dlib's embedder that the default benchmark compares
-    with the Base model: ``weights`` None trains it once with ``configs/cr_dlib.yaml``'s
-    recipe on the embedded faces' gallery split (minutes on 2 CPU cores) and caches it
-    (``crossres.lightning_modules.cr_training.ensure_cr_dlib_weights``); a path loads it."""
+    with the Base model. ``weights`` None loads the copy that ``crossres prepare`` trained
+    (``configs/cr_dlib.yaml``'s recipe) and cached, checked against its sha256 and against
+    dlib's own weights it was fine-tuned from; ``NotPreparedError`` if there is none. A path
+    loads that file instead."""
     if weights is None:
-        from crossres.lightning_modules.cr_training import ensure_cr_dlib_weights
-
-        weights = ensure_cr_dlib_weights()
+        teacher = sha256_file(packaged_dlib_model_path())
+        weights = prepared_weights("dlib_resnet29_cr", expect={"teacher_sha256": teacher})
     return dlib_resnet29(weights, **options)
