@@ -6,6 +6,10 @@ crossres report RUN_DIR                          (re)write RUN_DIR/report.md fro
 crossres gallery --config FILE                   build (and cache) the gallery templates
 crossres select-queries --config FILE            select the queries, write their manifest
 crossres fetch-faces                             fetch the embedded real faces into the cache
+crossres prepare [--force]                       fetch the faces, train the default's CR weights
+
+A ``CrossresError`` (bad input, a missing prepared artefact) ends the command with one line
+``crossres: <message>`` on stderr and status 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -208,11 +212,18 @@ def gallery_main(argv: list[str]) -> int:
     return 0
 
 
+def prepare_main(argv: list[str]) -> int:
+    from crossres.prepare import main
+
+    return main(argv, fit=run_lightning)  # the runner goes in: prepare never imports the CLI
+
+
 TOOLS = {
     "report": report_main,
     "fetch-faces": fetch_faces_main,
     "gallery": gallery_main,
     "select-queries": select_queries_main,
+    "prepare": prepare_main,
 }
 
 
@@ -222,10 +233,30 @@ def main(argv: list[str] | None = None) -> int:
         if args and args[0] in TOOLS:
             return TOOLS[args[0]](args[1:])
         run_lightning(argv)  # None: LightningCLI reads sys.argv itself
-    except CrossresError as e:  # the user's to fix: one line, no traceback
-        print(f"crossres: error: {e}", file=sys.stderr)
+    except Exception as e:
+        user_error = _crossres_error(e)
+        if user_error is None:
+            raise
+        print(f"crossres: {_one_line(user_error)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _crossres_error(e: BaseException | None) -> CrossresError | None:
+    """``e`` or the ``CrossresError`` it was raised from (jsonargparse re-raises what a class
+    raises while the CLI instantiates it as a ValueError ``from`` it); None for anything else.
+    Only explicit causes count: a bug raised while handling a user error stays a bug."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, CrossresError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__
+    return None
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ class FrozenTarget(pl.LightningModule):
         """Gallery templates (cached by weights and manifest hash) and classifiers per target."""
         if dm is None or not hasattr(dm, "gallery_dataloader"):
             raise ValueError("FrozenTarget needs a datamodule with gallery_dataloader()")
-        from crossres.datamodules.gallery import compute_templates
+        from crossres.models.templates import compute_templates
 
         nonmated = set(int(i) for i in getattr(dm, "nonmated_identities", []))
         for label, model in self.models.items():
