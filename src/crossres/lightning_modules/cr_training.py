@@ -157,13 +157,6 @@ class CrossResolutionDistillation(pl.LightningModule):
         """The preprocessing the data must follow (the teacher's; the student's is the same)."""
         return self.teacher.pretrained_cfg
 
-    @property
-    def models(self) -> dict[str, FaceModel]:
-        """The frozen reference model, for datamodules that select their queries with the
-        target model (VGGFace2's ``prepare_data``): the queries are those the Base model gets
-        right, and the training images are never queries."""
-        return {"teacher": self.teacher}
-
     def train(self, mode: bool = True) -> CrossResolutionDistillation:
         super().train(mode)
         self.teacher.eval()  # frozen: BatchNorm statistics and dropout never in training mode
