@@ -10,7 +10,6 @@ were skipped as unreadable. ``content_hash`` keys what is computed from it (gall
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -18,10 +17,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from crossres.models.fingerprint import model_hash, state_hash  # noqa: F401  (moved)
-
 from crossres.errors import NotPreparedError
 from crossres.io import atomic_write_text, sha256_bytes
+from crossres.models.fingerprint import model_hash, state_hash  # noqa: F401  (moved)
 
 MANIFEST_FORMAT = "crossres-query-manifest"
 MANIFEST_VERSION = 1
