@@ -170,3 +170,17 @@ def test_pretrained_config():
     x = torch.rand(1, 3, 4, 4)
     model = build_model("facenet_vggface2")
     assert torch.allclose(model.normalize(x), (255 * x - 127.5) / 128, atol=1e-6)
+
+
+def test_num_classes_0_checks_then_drops_the_files_head(release_state, tmp_path, one_thread):
+    path = tmp_path / "20180402-114759-vggface2.pt"
+    torch.save(release_state, path)
+    with_head = build_model("facenet_vggface2", weights=str(path))
+    embedder = build_model("facenet_vggface2", weights=str(path), num_classes=0)
+    assert embedder.num_classes == 0 and "net.logits.weight" not in embedder.state_dict()
+    assert embedder.pretrained_cfg.weights_hash == with_head.pretrained_cfg.weights_hash != ""
+    x = torch.rand(1, 3, 160, 160, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert torch.equal(embedder.features(x), with_head.features(x))
+    with pytest.raises(WeightFileError, match="logits.weight: shape mismatch"):
+        build_model("facenet_vggface2", weights=str(path), num_classes=100)

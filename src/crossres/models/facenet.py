@@ -21,6 +21,7 @@ only see the normalised vector) refuses.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -251,13 +252,19 @@ def _file_classes(path: str | Path) -> int:
 def _build(
     dataset: str, weights: str | None, num_classes: int | None, strict: bool
 ) -> FaceNetInceptionResnetV1:
+    in_file = _file_classes(weights) if weights is not None else FACENET_CLASSES[dataset]
     if num_classes is None:
-        num_classes = FACENET_CLASSES[dataset] if weights is None else _file_classes(weights)
-    model = FaceNetInceptionResnetV1(num_classes)
+        num_classes = in_file
+    # num_classes=0 with a file that has a head: load it (so the file is checked whole), then
+    # drop it: its classes are the training set's identities, not the benchmark's.
+    model = FaceNetInceptionResnetV1(in_file if num_classes == 0 else num_classes)
     if weights is not None:
         from crossres.models.weights import load_weights
 
         load_weights(model, weights, strict=strict)
+    if num_classes == 0 and model.net.logits is not None:
+        model.net.logits = None
+        model.pretrained_cfg = replace(model.pretrained_cfg, num_classes=0)
     return model.eval()
 
 
@@ -269,7 +276,9 @@ def facenet_vggface2(
 
     num_classes: None = as the weight file's ``logits`` (8631 in the released file; 0 when the
         file has none), or 8631 without a file (random initialisation: crossres never
-        downloads weights). 0 = a pure embedder.
+        downloads weights). 0 = a pure embedder (a file's head is checked, then dropped), for
+        benchmarks whose identities are not VGGFace2's: ``FrozenTarget`` then classifies by
+        similarity to the gallery (``GalleryClassifier``).
     """
     return _build("vggface2", weights, num_classes, strict)
 
