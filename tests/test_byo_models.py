@@ -151,3 +151,14 @@ def test_gallery_classifier_over_arcface_is_differentiable(tmp_path, one_thread)
     x = torch.rand(1, 3, 112, 112, generator=g).requires_grad_(True)
     classifier(x)[0, 1].backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_readme_shows_the_arcface_example_config_as_it_is():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Your own model") :]
+    block = section[section.index("```yaml\n") + len("```yaml\n") :]
+    block = block[: block.index("```")]
+    config = (ROOT / "configs" / "examples" / "arcface_iresnet50.yaml").read_text()
+    assert yaml.safe_load(block) == yaml.safe_load(config)
+    for name in ("arcface_iresnet50.yaml", "facenet_vggface2.yaml"):
+        assert f"configs/examples/{name}" in section
