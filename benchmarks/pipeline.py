@@ -50,7 +50,7 @@ def attacks_alone(dm, module, attack) -> float:
     for batch in batches:
         with torch.no_grad():
             clean_top1 = target.class_ids[target.model(batch.images).argmax(1)]
-        labels = module.attack_labels("Base", batch.identity, clean_top1)
+        labels = target.attack_labels(batch.identity, clean_top1)
         start = time.perf_counter()
         attack(target.model, batch.images, labels)
         total += time.perf_counter() - start

@@ -1,8 +1,12 @@
 """The benchmark through its command line: smoke run, resume after SIGKILL, DDP parity,
-bad input. Synthetic faces and a tiny seeded model keep each run to seconds."""
+bad input, refused reruns (changed config or weights), the run directory, and the live
+metrics against the report's tables. Synthetic faces and a tiny seeded model keep each run
+to seconds."""
 
 from __future__ import annotations
 
+import csv
+import json
 import math
 import os
 import signal
@@ -12,11 +16,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from crossres.cli import main
+from crossres.datamodules import SyntheticFacesDataModule
+from crossres.io import sha256_file
+from crossres.models.tiny import TinyFaceNet
 from crossres.report.tables import summarize
-from crossres.run_dir import RunConfigMismatch
 from crossres.store import ResultStore
 
 CONFIG = {
@@ -84,8 +91,40 @@ def write_config(tmp_path: Path, **overrides) -> Path:
     return path
 
 
-def run_cli(config: Path, run_dir: Path, *extra: str) -> None:
-    main(["test", "--config", str(config), "--trainer.default_root_dir", str(run_dir), *extra])
+def run_cli(config: Path, run_dir: Path, *extra: str) -> int:
+    return main(
+        ["test", "--config", str(config), "--trainer.default_root_dir", str(run_dir), *extra]
+    )
+
+
+def csv_logger(save_dir: Path) -> list[str]:
+    return [
+        "--trainer.logger=pytorch_lightning.loggers.CSVLogger",
+        f"--trainer.logger.save_dir={save_dir}",
+    ]
+
+
+def logged_metrics(save_dir: Path) -> dict[str, float]:
+    """The last value logged under every name (the metric callback logs its final, global
+    values after the running ones)."""
+    (path,) = save_dir.rglob("metrics.csv")
+    out: dict[str, float] = {}
+    with path.open() as f:
+        for row in csv.DictReader(f):
+            out.update({k: float(v) for k, v in row.items() if v != "" and k != "step"})
+    return out
+
+
+def assert_metrics_equal_tables(logged: dict[str, float], run_dir: Path) -> None:
+    """Every table value the metric classes compute was logged, and equals the report's."""
+    expected = {}
+    for (model, attack, res), cell in tables(run_dir).items():
+        for name in ("success_rate", "hit_rate", "fpir_at_fnir"):
+            value = getattr(cell, name)
+            if not math.isnan(value):
+                expected[f"{model}/{attack}/r{res}/{name}"] = value
+    assert len(expected) >= 2 * 2 * 3 + 2 * 2  # success for both attacks, hit, FPIR
+    assert {k: logged.get(k) for k in expected} == expected  # exact: same definitions
 
 
 def cli_command(config: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -137,14 +176,16 @@ def test_smoke_run_writes_everything(reference):
     assert all(r.target is not None and r.target != r.identity for r in dr)
 
 
-def test_rerun_resumes_and_changed_config_is_refused(reference, tmp_path):
+def test_rerun_resumes_and_changed_config_is_refused(reference, tmp_path, capsys):
     config, run_dir = reference
     before = [repr(r) for r in ResultStore(run_dir).rows()]  # repr: NaN == NaN
-    run_cli(config, run_dir)  # everything stored: nothing is attacked again
+    assert run_cli(config, run_dir) == 0  # everything stored: nothing is attacked again
     assert [repr(r) for r in ResultStore(run_dir).rows()] == before
     changed = write_config(tmp_path, **{"trainer.callbacks.0.init_args.attack.init_args.steps": 9})
-    with pytest.raises(RunConfigMismatch, match="another configuration"):
-        run_cli(changed, run_dir)
+    capsys.readouterr()
+    assert run_cli(changed, run_dir) == 2
+    err = capsys.readouterr().err
+    assert "another configuration" in err and len(err.strip().splitlines()) == 1
 
 
 def test_sigkill_then_resume_gives_the_same_tables(reference, tmp_path):
@@ -171,10 +212,12 @@ def test_sigkill_then_resume_gives_the_same_tables(reference, tmp_path):
         proc.wait()
     partial = len(ResultStore(run_dir).rows())
     assert 0 < partial < N_ROWS, f"kill landed outside the run ({partial} rows)"
-    run_cli(config, run_dir)
+    assert run_cli(config, run_dir, *csv_logger(tmp_path / "logs")) == 0
     rows = ResultStore(run_dir).rows()
     assert len(rows) == N_ROWS and len({r.key for r in rows}) == N_ROWS
     assert_same_tables(tables(run_dir), tables(ref_dir))
+    # the live metrics of the resumed run were seeded with the rows stored before the kill
+    assert_metrics_equal_tables(logged_metrics(tmp_path / "logs"), run_dir)
 
 
 @pytest.mark.slow
@@ -182,7 +225,13 @@ def test_ddp_two_processes_match_one(reference, tmp_path):
     config, ref_dir = reference
     run_dir = tmp_path / "ddp"
     out = subprocess.run(
-        cli_command(config, run_dir, "--trainer.strategy=ddp", "--trainer.devices=2"),
+        cli_command(
+            config,
+            run_dir,
+            "--trainer.strategy=ddp",
+            "--trainer.devices=2",
+            *csv_logger(tmp_path / "logs"),
+        ),
         capture_output=True,
         text=True,
         timeout=600,
@@ -192,6 +241,8 @@ def test_ddp_two_processes_match_one(reference, tmp_path):
     rows = ResultStore(run_dir).rows()
     assert len(rows) == N_ROWS
     assert_same_tables(tables(run_dir), tables(ref_dir))
+    # the metric states of both processes were gathered: the global values, exactly
+    assert_metrics_equal_tables(logged_metrics(tmp_path / "logs"), run_dir)
 
 
 @pytest.mark.parametrize(
@@ -227,3 +278,48 @@ def test_report_command_rewrites_the_report(reference, tmp_path, capsys):
     assert "Table 2: hit rate" in (run_dir / "report.md").read_text()
     assert main(["report", str(tmp_path)]) == 2
     assert "no results/ folder" in capsys.readouterr().err
+
+
+def test_duplicate_attack_names_fail_before_crafting(tmp_path, capsys):
+    config = write_config(tmp_path, **{"trainer.callbacks.1.init_args.name": "CW-L2 (2-8)"})
+    assert run_cli(config, tmp_path / "run") == 2
+    err = capsys.readouterr().err
+    assert "same name" in err and "CW-L2 (2-8)" in err
+    assert not (tmp_path / "run" / "results").exists()  # not even a clean row was written
+
+
+def test_store_run_dir_is_the_one_run_directory(reference, tmp_path):
+    config, ref_dir = reference
+    run_dir, root = tmp_path / "chosen", tmp_path / "root"
+    assert run_cli(config, root, f"--store.run_dir={run_dir}") == 0
+    for name in ("run.json", "config.yaml", "report.md", "results"):
+        assert (run_dir / name).exists(), name
+    assert not root.exists() or not any(root.iterdir())
+    assert "CW-L2 (2-8)" in (run_dir / "report.md").read_text()  # the report read this store
+    assert_same_tables(tables(run_dir), tables(ref_dir))
+
+
+def test_rewritten_weight_file_is_refused(tmp_path, capsys):
+    weights = tmp_path / "tiny.pt"
+    torch.save(TinyFaceNet(seed=1).state_dict(), weights)
+    cw = CONFIG["trainer"]["callbacks"][0]
+    config = write_config(
+        tmp_path,
+        **{"model.init_args.targets.0.weights": str(weights), "trainer.callbacks": [cw]},
+    )
+    run_dir = tmp_path / "run"
+    assert run_cli(config, run_dir) == 0
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["weights"]["tiny"]["sha256"] == sha256_file(weights)
+    dm = SyntheticFacesDataModule(**CONFIG["data"]["init_args"])
+    dm.setup("test")
+    assert record["manifest_hash"] == dm.manifest_hash and len(dm.manifest_hash) == 64
+    before = [repr(r) for r in ResultStore(run_dir).rows()]
+
+    torch.save(TinyFaceNet(seed=2).state_dict(), weights)  # same path, other content
+    capsys.readouterr()
+    assert run_cli(config, run_dir) == 2
+    err = capsys.readouterr().err
+    assert "'tiny' weights" in err and str(weights) in err and len(err.strip().splitlines()) == 1
+    assert [repr(r) for r in ResultStore(run_dir).rows()] == before
+    assert json.loads((run_dir / "run.json").read_text())["weights"] == record["weights"]

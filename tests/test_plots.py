@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from crossres.metrics import functional as MF
-from crossres.metrics.plots import plot_cmc, plot_det, wandb_cmc, wandb_det, wandb_image
+from crossres.metrics.plots import plot_cmc, plot_det
+from crossres.report.wandb import wandb_cmc, wandb_det, wandb_image
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytorch_lightning as pl
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
+from crossres.callbacks.metrics import MetricCallback
 from crossres.callbacks.report import ReportCallback
-from crossres.callbacks.store import ResultStoreCallback
+from crossres.callbacks.store import ResultStoreCallback, run_directory
 from crossres.datamodules.query_selection import manifest_reader, prepare_queries
 from crossres.errors import CrossresError
 from crossres.lightning_modules import CrossResolutionDistillation, FrozenTarget
@@ -35,8 +36,9 @@ RESULT_KEYS = ("model", "data", "seed_everything")
 
 class CrossresCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # always present, configurable as --store.* / --report.*
+        # always present, configurable as --store.* / --metrics.* / --report.*
         parser.add_lightning_class_args(ResultStoreCallback, "store")
+        parser.add_lightning_class_args(MetricCallback, "metrics")
         parser.add_lightning_class_args(ReportCallback, "report")
         # the data are prepared for the model's input (size, resize before the crop)
         parser.link_arguments(
@@ -51,7 +53,9 @@ class CrossresCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
-        root = cfg.trainer.default_root_dir or os.getcwd()
+        root = run_directory(cfg.store.run_dir, cfg.trainer.default_root_dir)
+        if cfg.store.run_dir:  # one run directory: the saved config and logs go there too
+            cfg.trainer.default_root_dir = str(root)
         logger = cfg.trainer.logger
         # W&B writes inside the run directory unless told otherwise
         for lg in logger if isinstance(logger, list) else [logger]:

@@ -5,18 +5,31 @@ One callback per attack configuration (a list in the YAML). Classification attac
 (``"impersonation"``/``"dodging"``) attack the deep features against the target's gallery.
 Targets of targeted and impersonation attacks are drawn per sample from a generator seeded
 with (seed, sample_id): the same on one process or many, in any batch.
+
+What a callback reads is the frozen target's typed output (``TargetOutput`` per target: the
+classifier, galleries, clean predictions, attack labels, and how to score features into
+rows); its rows go to the run's ``ResultStoreCallback`` (found among the trainer's
+callbacks), and it keeps the first few clean/adversarial pairs per target in ``examples``.
+Two attack callbacks of one run may not share a name: that is an error at set-up, before
+anything is crafted.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import pytorch_lightning as pl
 import torch
 
 from crossres.attacks.base import Attack
-from crossres.store import params_json
+from crossres.callbacks.store import ResultStoreCallback, find_writer, subset, target_outputs
+from crossres.errors import CrossresError
+from crossres.lightning_modules.frozen_target import TargetOutput
+from crossres.store import CLEAN, params_json
 from crossres.types import FaceBatch
 
 Objective = Literal["untargeted", "targeted", "impersonation", "dodging"]
@@ -28,6 +41,8 @@ class AttackCallback(pl.Callback):
         and its parameters.
     objective: what the attack pursues (see module docstring).
     models: labels of the targets to attack (None: all).
+    keep_examples: how many clean/adversarial pairs per target to keep in ``examples`` (the
+        report callback logs them to W&B).
     """
 
     def __init__(
@@ -38,6 +53,7 @@ class AttackCallback(pl.Callback):
         objective: Objective = "untargeted",
         seed: int = 0,
         models: list[str] | None = None,
+        keep_examples: int = 4,
     ) -> None:
         if not isinstance(attack, Attack):
             raise TypeError(f"attack must be a crossres Attack, got {type(attack).__name__}")
@@ -59,6 +75,11 @@ class AttackCallback(pl.Callback):
             **attack_params(attack),
         }
         self.name = name or f"{type(attack).__name__} {params_json(attack_params(attack))}"
+        if keep_examples < 0:
+            raise ValueError(f"keep_examples must be >= 0, got {keep_examples}")
+        self.n_examples = int(keep_examples)
+        self.examples: dict[str, Examples] = {}  # target label -> the first few pairs
+        self.writer: ResultStoreCallback | None = None  # the run's, found in setup
 
     def draw_targets(self, sample_ids: torch.Tensor, identities: torch.Tensor, pool: torch.Tensor):
         """A target identity != own per sample, from ``pool``, seeded by (seed, sample_id)."""
@@ -69,35 +90,49 @@ class AttackCallback(pl.Callback):
             out.append(int(choices[torch.randint(len(choices), (1,), generator=g)]))
         return torch.tensor(out, dtype=torch.long)
 
+    # ---------------------------------------------------------------- lifecycle
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "test":
+            return
+        check_unique_names(trainer.callbacks)  # before any crafting or gallery building
+        self.writer = find_writer(trainer, f"AttackCallback {self.name!r}")
+        self.examples = {}
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.writer = None
+
     def on_test_batch_end(
         self, trainer, pl_module, outputs, batch: FaceBatch, batch_idx, dataloader_idx=0
     ):
-        for label, target in pl_module.targets.items():
+        if self.writer is None:
+            raise RuntimeError(f"AttackCallback {self.name!r} was not set up for testing")
+        outputs = target_outputs(outputs, f"AttackCallback {self.name!r}")
+        unknown = sorted(set(self.models or ()) - outputs.keys())
+        if unknown:
+            raise CrossresError(
+                f"AttackCallback {self.name!r}: models {unknown} are no target of this run "
+                f"(targets: {sorted(outputs)})"
+            )
+        for label, out in outputs.items():
             if self.models is not None and label not in self.models:
                 continue
-            todo = torch.tensor(
-                [
-                    (label, self.name, int(s), int(r)) not in pl_module.done_keys
-                    for s, r in zip(batch.sample_id, batch.resolution, strict=True)
-                ],
-                dtype=torch.bool,
-            )
+            todo = self.writer.pending(label, self.name, batch)
             if not todo.any():
                 continue
-            sub = subset(batch, todo.nonzero().squeeze(1))
-            clean_top1 = outputs[label]["top1"][todo.to(outputs[label]["top1"].device)]
-            self.attack_target(pl_module, label, target, sub, clean_top1)
+            index = todo.nonzero().squeeze(1)
+            self.attack_target(out.select(index), subset(batch, index))
 
-    def attack_target(self, pl_module, label, target, batch: FaceBatch, clean_top1) -> None:
+    def attack_target(self, clean: TargetOutput, batch: FaceBatch) -> None:
+        """Craft, score and write the rows of ``batch`` on ``clean.target``."""
         start = time.perf_counter()
+        target = clean.target
         images, identities = batch.images, batch.identity
         kwargs, targets = {}, None
         if self.objective in ("untargeted", "targeted"):
-            labels = pl_module.attack_labels(label, identities, clean_top1)
             if self.objective == "targeted":
                 targets = self.draw_targets(batch.sample_id, identities, target.class_ids.cpu())
-                kwargs["targets"] = pl_module.class_index(label, targets.to(identities.device))
-            result = self.attack(target.model, images, labels, **kwargs)
+                kwargs["targets"] = target.class_index(targets.to(identities.device))
+            result = self.attack(target.model, images, clean.attack_labels, **kwargs)
         else:
             kwargs["gallery"] = target.gallery
             if self.objective == "impersonation":
@@ -107,15 +142,13 @@ class AttackCallback(pl.Callback):
                 kwargs["labels"] = identities
             result = self.attack(target.model, images, **kwargs)
         features, logits = result.extra["features"], result.extra["logits"]
-        top1 = target.class_ids[logits.argmax(1)]
         norms = result.norms(images)
         seconds = (time.perf_counter() - start) / len(batch)
-        rows = pl_module.make_rows(
-            label,
-            self.name,
+        rows = target.rows(
             batch,
+            self.name,
             features,
-            top1,
+            target.predict(logits),
             params=params_json(self.params),
             success=result.success.cpu(),
             target=targets.tolist() if targets is not None else [None] * len(batch),
@@ -123,22 +156,48 @@ class AttackCallback(pl.Callback):
             l2=norms["l2"].cpu(),
             linf=norms["linf"].cpu(),
             iterations=result.iterations.cpu(),
-            clean_top1=clean_top1.cpu(),
+            clean_top1=clean.top1.cpu(),
             seconds=seconds,
         )
-        pl_module.record(rows)
-        pl_module.log_adversarial(label, self.name, batch, result.adversarial)
+        self.writer.write(rows)
+        self.keep_examples(target.label, images, result.adversarial)
+
+    def keep_examples(self, label: str, clean: torch.Tensor, adversarial: torch.Tensor) -> None:
+        """Keep the first ``keep_examples`` clean/adversarial pairs per target (for W&B)."""
+        have = self.examples.get(label)
+        n = self.n_examples - (0 if have is None else len(have.clean))
+        if n <= 0:
+            return
+        pair = Examples(clean[:n].detach().cpu(), adversarial[:n].detach().cpu())
+        if have is not None:
+            pair = Examples(
+                torch.cat([have.clean, pair.clean]), torch.cat([have.adversarial, pair.adversarial])
+            )
+        self.examples[label] = pair
 
 
-def subset(batch: FaceBatch, index: torch.Tensor) -> FaceBatch:
-    idx = index.to(batch.images.device)
-    return FaceBatch(
-        images=batch.images[idx],
-        identity=batch.identity[idx],
-        sample_id=batch.sample_id[idx],
-        resolution=batch.resolution[idx],
-        paths=[batch.paths[i] for i in index.tolist()] if batch.paths else [],
-    )
+@dataclass
+class Examples:
+    """Clean images [N, 3, H, W] and their adversarial counterparts, in [0, 1] on the CPU."""
+
+    clean: torch.Tensor
+    adversarial: torch.Tensor
+
+
+def check_unique_names(callbacks: Sequence[pl.Callback]) -> None:
+    """Attack configurations are keyed by name in the store: two with one name (or one named
+    like the clean rows) would silently lose the second one's rows."""
+    names = Counter(c.name for c in callbacks if isinstance(c, AttackCallback))
+    clashes = sorted(n for n, k in names.items() if k > 1)
+    if clashes:
+        raise CrossresError(
+            f"attack callbacks with the same name: {clashes}; every attack configuration of a "
+            "run needs its own name (init_args.name), its rows are stored under it"
+        )
+    if CLEAN in names:
+        raise CrossresError(
+            f"an attack callback is named {CLEAN!r}, the name of the unattacked rows; rename it"
+        )
 
 
 def attack_params(attack: Attack) -> dict:

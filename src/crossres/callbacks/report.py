@@ -1,20 +1,25 @@
-"""At the end of the test loop: the report and the logged metrics, from the result store.
+"""At the end of the test loop: the report, and its W&B views, from the result store.
 
 Runs on rank 0 after every process has written its rows (a barrier first), so the numbers
 include every sample exactly once, also on a resumed run whose earlier rows were skipped.
+The run directory is the result store callback's (one source of truth); the example pairs
+logged to W&B are the ones the attack callbacks kept. The identification metrics are logged
+by ``MetricCallback``; this callback logs the mean perturbation size, a view of the store.
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import WandbLogger
 
+from crossres.callbacks.attack import AttackCallback
+from crossres.callbacks.store import find_writer
 from crossres.report.markdown import write_report
 from crossres.report.tables import summarize
-from crossres.store import ResultStore, rows_to_dicts
+from crossres.report.wandb import run_payload
+from crossres.store import ResultStore
 
 
 class ReportCallback(pl.Callback):
@@ -25,52 +30,37 @@ class ReportCallback(pl.Callback):
         self.write = write_report
         self.log_images = log_images
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "test":
+            find_writer(trainer, "ReportCallback")  # fail before the run, not after it
+
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         trainer.strategy.barrier("crossres-report")
         if trainer.global_rank != 0:
             return
-        run_dir = Path(trainer.default_root_dir)
+        run_dir = find_writer(trainer, "ReportCallback").resolve_dir(trainer)
         rows = ResultStore(run_dir).rows()
-        cells = summarize(rows)
-        metrics = {}
-        for c in cells:
-            prefix = f"{c.model}/{c.attack}/r{c.resolution}"
-            for name in ("success_rate", "hit_rate", "fpir_at_fnir", "mean_l2"):
-                value = getattr(c, name)
-                if not math.isnan(value):
-                    metrics[f"{prefix}/{name}"] = value
+        metrics = {
+            f"{c.model}/{c.attack}/r{c.resolution}/mean_l2": c.mean_l2
+            for c in summarize(rows)
+            if not math.isnan(c.mean_l2)
+        }
         report = write_report(run_dir) if self.write else None
+        examples = {
+            (label, cb.name): (pair.clean, pair.adversarial)
+            for cb in trainer.callbacks
+            if isinstance(cb, AttackCallback)
+            for label, pair in cb.examples.items()
+        }
         for logger in trainer.loggers:
-            logger.log_metrics(metrics)
+            if metrics:
+                logger.log_metrics(metrics)
             if isinstance(logger, WandbLogger):
-                log_to_wandb(logger, rows, run_dir, report, pl_module, self.log_images)
+                figures = sorted((run_dir / "figures").glob("*.png")) if report else []
+                payload = run_payload(
+                    rows, figures=figures, examples=examples, n_images=self.log_images
+                )
+                if payload:
+                    logger.experiment.log(payload)
         if report is not None:
             print(f"crossres: report written to {report}")
-
-
-def log_to_wandb(logger: WandbLogger, rows, run_dir: Path, report, pl_module, n_images: int):
-    import torch
-    import wandb
-
-    data = rows_to_dicts(rows)
-    payload = {}
-    if data:
-        columns = list(data[0])
-        payload["results"] = wandb.Table(
-            columns=columns, data=[[d[c] for c in columns] for d in data]
-        )
-    for png in sorted((run_dir / "figures").glob("*.png")) if report else []:
-        payload[f"figures/{png.stem}"] = wandb.Image(str(png))
-    for (label, attack), (clean, adv) in getattr(pl_module, "examples", {}).items():
-        clean, adv = clean[:n_images], adv[:n_images]
-        diff = (adv - clean).abs()
-        amplified = diff / diff.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
-        grid = torch.cat([clean, adv, amplified], dim=3)  # clean | adversarial | perturbation
-        payload[f"examples/{label}/{attack}"] = [
-            wandb.Image(
-                g.permute(1, 2, 0).numpy(), caption="clean | adversarial | |delta| (scaled)"
-            )
-            for g in grid
-        ]
-    if payload:
-        logger.experiment.log(payload)

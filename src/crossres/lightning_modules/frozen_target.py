@@ -1,13 +1,23 @@
 """The frozen target of a benchmark run: one or more face models with their galleries.
 
-``test_step`` scores the clean queries (predictions, features, rank and score of the mate in
-the closed-set gallery, open-set scores) and hands them to the attack callbacks through its
-output; every per-sample outcome is recorded through ``record`` into the result store.
+The module and the callbacks of the test loop talk through two typed records, and a
+callback reads nothing else of the module:
+
+- ``ClassifierTarget`` (one per target, built in ``setup``): the classifier under attack,
+  its closed- and open-set galleries, the identity of each logit, and what every callback
+  computes the same way: identities to logit indices, the logit an untargeted attack moves
+  away from, features to search results and result rows.
+- ``TargetOutput`` (one per target and batch): what ``test_step`` returns, as
+  ``TestStepOutput`` = label -> ``TargetOutput``: the target and its clean features, logits,
+  top-1 identity and the attack labels of the batch.
+
+The module writes nothing itself: the result store callback turns the clean outputs into
+rows, and the attack callbacks their adversarial ones, through the store callback's writer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import pytorch_lightning as pl
@@ -17,6 +27,7 @@ from torch import nn
 from crossres.metrics.scoring import search
 from crossres.models.base import FaceModel, GalleryClassifier
 from crossres.models.registry import build_model
+from crossres.models.templates import compute_templates
 from crossres.store import CLEAN, ResultRow
 from crossres.types import FaceBatch, Gallery
 
@@ -36,12 +47,131 @@ class TargetSpec:
 
 @dataclass
 class ClassifierTarget:
-    """What the attacks and scorers need of one target, built in ``setup``."""
+    """One target as the attacks and scorers see it (built in ``FrozenTarget.setup``)."""
 
+    label: str
     model: FaceModel  # features(x) and forward(x) -> logits over ``class_ids``
     gallery: Gallery  # closed set: one template per enrolled identity
     open_gallery: Gallery  # open set: without the non-mated identities
     class_ids: torch.Tensor  # identity of each logit
+    similarity: Similarity = "cosine"
+
+    def to(self, device: torch.device | str) -> ClassifierTarget:
+        """This target on ``device`` (the model moves in place, as ``nn.Module.to`` does)."""
+        self.model.to(device)
+        return replace(
+            self,
+            gallery=self.gallery.to(device),
+            open_gallery=self.open_gallery.to(device),
+            class_ids=self.class_ids.to(device),
+        )
+
+    def predict(self, logits: torch.Tensor) -> torch.Tensor:
+        """Identity of the top-1 logit of each sample."""
+        return self.class_ids[logits.argmax(1)]
+
+    def class_index(self, identities: torch.Tensor) -> torch.Tensor:
+        """Logit index of each identity (-1 where the model has no class for it)."""
+        ids = self.class_ids.to(identities.device)
+        match = ids.unsqueeze(0) == identities.unsqueeze(1)
+        return torch.where(match.any(1), match.float().argmax(1), torch.full_like(identities, -1))
+
+    def attack_labels(self, identities: torch.Tensor, clean_top1: torch.Tensor) -> torch.Tensor:
+        """Logit index an untargeted attack moves away from: the identity's class, or, for a
+        query enrolled nowhere (a non-mated query of the embedded data), its clean top-1."""
+        labels = self.class_index(identities)
+        clean_class = self.class_index(clean_top1.to(identities.device))
+        return torch.where(labels < 0, clean_class, labels)
+
+    def search(self, features: torch.Tensor, identities: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-sample closed- and open-set search results (``ProbeSummary``: mate rank with
+        ties against the probe, NIST IR 8271), plus the best non-mate score."""
+        out = {}
+        for prefix, gallery in (("", self.gallery), ("open_", self.open_gallery)):
+            k = min(2, len(gallery))
+            res = search(
+                features.float(),
+                gallery.features,
+                gallery.ids,
+                identities,
+                k=k,
+                metric=self.similarity,
+            )
+            first_is_mate = res.candidate_ids[:, 0] == identities
+            runner_up = res.values[:, 1] if k > 1 else torch.full_like(res.values[:, 0], -torch.inf)
+            out[prefix + "mate_rank"] = res.summary.mate_rank
+            out[prefix + "mate_score"] = res.summary.mate_score
+            out[prefix + "best_nonmate_score"] = torch.where(
+                first_is_mate, runner_up, res.values[:, 0]
+            )
+            out[prefix + "top_score"] = res.summary.top_score
+            out[prefix + "mated"] = res.summary.mated
+        return out
+
+    def rows(
+        self,
+        batch: FaceBatch,
+        attack: str,
+        features: torch.Tensor,
+        top1: torch.Tensor,
+        **per_sample,
+    ) -> list[ResultRow]:
+        """Result rows of a batch scored by ``features``; ``per_sample`` holds tensors or lists
+        of length B (or scalars). ``top1`` is the prediction on the scored images: clean or
+        adversarial by ``attack``."""
+        sc = self.search(features, batch.identity)
+        per_sample["clean_top1" if attack == CLEAN else "adv_top1"] = top1
+        rows = []
+        for i in range(len(batch)):
+            extra = {k: _item(v, i) for k, v in per_sample.items()}
+            rows.append(
+                ResultRow(
+                    model=self.label,
+                    attack=attack,
+                    sample_id=int(batch.sample_id[i]),
+                    resolution=int(batch.resolution[i]),
+                    identity=int(batch.identity[i]),
+                    mate_rank=int(sc["mate_rank"][i]),
+                    mate_score=float(sc["mate_score"][i]),
+                    best_nonmate_score=float(sc["best_nonmate_score"][i]),
+                    open_mated=bool(sc["open_mated"][i]),
+                    open_mate_rank=int(sc["open_mate_rank"][i]),
+                    open_mate_score=float(sc["open_mate_score"][i]),
+                    open_top_score=float(sc["open_top_score"][i]),
+                    path=batch.paths[i] if batch.paths else "",
+                    **extra,
+                )
+            )
+        return rows
+
+
+@dataclass
+class TargetOutput:
+    """What ``FrozenTarget.test_step`` returns for one target and one batch (clean images)."""
+
+    target: ClassifierTarget
+    features: torch.Tensor  # [B, D]
+    logits: torch.Tensor  # [B, C]
+    top1: torch.Tensor  # [B] identity predicted on the clean image
+    attack_labels: torch.Tensor  # [B] logit index an untargeted attack moves away from
+
+    def select(self, index: torch.Tensor) -> TargetOutput:
+        """The samples at ``index`` (a long tensor of batch positions)."""
+        i = index.to(self.top1.device)
+        return replace(
+            self,
+            features=self.features[i],
+            logits=self.logits[i],
+            top1=self.top1[i],
+            attack_labels=self.attack_labels[i],
+        )
+
+    def clean_rows(self, batch: FaceBatch) -> list[ResultRow]:
+        """The rows that score the unattacked ``batch`` (the one this output was made from)."""
+        return self.target.rows(batch, CLEAN, self.features, self.top1)
+
+
+TestStepOutput = dict[str, TargetOutput]  # target label -> its output, in target order
 
 
 class FrozenTarget(pl.LightningModule):
@@ -72,10 +202,6 @@ class FrozenTarget(pl.LightningModule):
         for m in self.models.values():
             m.requires_grad_(False).eval()
         self.targets: dict[str, ClassifierTarget] = {}
-        self.sink = None  # set by ResultStoreCallback: a callable taking a list of ResultRow
-        self.done_keys: set[tuple] = set()
-        self.examples: dict[tuple[str, str], tuple] = {}  # a few images per (model, attack)
-        self.max_examples = 4
 
     # ---------------------------------------------------------------- set-up
     def input_config(self):
@@ -90,6 +216,18 @@ class FrozenTarget(pl.LightningModule):
             )
         return next(iter(self.models.values())).pretrained_cfg
 
+    def weight_record(self) -> dict[str, dict]:
+        """Per target label: registry name, weight file and the sha256 of its content (what
+        ``run.json`` records, so a rerun with other weights under the same path is refused)."""
+        return {
+            s.label: {
+                "name": s.name,
+                "weights": s.weights,
+                "sha256": self.models[s.label].pretrained_cfg.weights_hash,
+            }
+            for s in self.specs
+        }
+
     def setup(self, stage: str) -> None:
         if not self.targets:
             self.build_targets(self.trainer.datamodule)
@@ -98,8 +236,6 @@ class FrozenTarget(pl.LightningModule):
         """Gallery templates (cached by weights and manifest hash) and classifiers per target."""
         if dm is None or not hasattr(dm, "gallery_dataloader"):
             raise ValueError("FrozenTarget needs a datamodule with gallery_dataloader()")
-        from crossres.models.templates import compute_templates
-
         nonmated = set(int(i) for i in getattr(dm, "nonmated_identities", []))
         for label, model in self.models.items():
             model.to(self.device)
@@ -116,119 +252,28 @@ class FrozenTarget(pl.LightningModule):
             else:
                 classifier = GalleryClassifier(model, gallery.features, scale=self.logit_scale)
                 class_ids = gallery.ids.clone()
-            self.targets[label] = ClassifierTarget(classifier, gallery, open_gallery, class_ids)
+            self.targets[label] = ClassifierTarget(
+                label, classifier, gallery, open_gallery, class_ids, self.similarity
+            )
 
     def on_test_start(self) -> None:
-        for t in self.targets.values():
-            t.model.to(self.device)
-            t.gallery = t.gallery.to(self.device)
-            t.open_gallery = t.open_gallery.to(self.device)
-            t.class_ids = t.class_ids.to(self.device)
-
-    # ---------------------------------------------------------------- scoring
-    def class_index(self, label: str, identities: torch.Tensor) -> torch.Tensor:
-        """Logit index of each identity (-1 where the model has no class for it)."""
-        ids = self.targets[label].class_ids
-        match = ids.unsqueeze(0) == identities.unsqueeze(1)
-        return torch.where(match.any(1), match.float().argmax(1), torch.full_like(identities, -1))
-
-    def attack_labels(
-        self, label: str, identities: torch.Tensor, clean_top1: torch.Tensor
-    ) -> torch.Tensor:
-        """Logit index an untargeted attack moves away from: the identity's class, or, for a
-        query enrolled nowhere (a non-mated query of the embedded data), its clean top-1."""
-        labels = self.class_index(label, identities)
-        clean_class = self.class_index(label, clean_top1.to(identities.device))
-        return torch.where(labels < 0, clean_class, labels)
-
-    def score_rows(self, label: str, features: torch.Tensor, identities: torch.Tensor) -> dict:
-        """Per-sample closed- and open-set search results (``ProbeSummary``: mate rank with
-        ties against the probe, NIST IR 8271), plus the best non-mate score."""
-        t = self.targets[label]
-        out = {}
-        for prefix, gallery in (("", t.gallery), ("open_", t.open_gallery)):
-            k = min(2, len(gallery))
-            res = search(
-                features.float(),
-                gallery.features,
-                gallery.ids,
-                identities,
-                k=k,
-                metric=self.similarity,
-            )
-            first_is_mate = res.candidate_ids[:, 0] == identities
-            runner_up = res.values[:, 1] if k > 1 else torch.full_like(res.values[:, 0], -torch.inf)
-            out[prefix + "mate_rank"] = res.summary.mate_rank
-            out[prefix + "mate_score"] = res.summary.mate_score
-            out[prefix + "best_nonmate_score"] = torch.where(
-                first_is_mate, runner_up, res.values[:, 0]
-            )
-            out[prefix + "top_score"] = res.summary.top_score
-            out[prefix + "mated"] = res.summary.mated
-        return out
+        self.targets = {label: t.to(self.device) for label, t in self.targets.items()}
 
     # ---------------------------------------------------------------- test loop
-    def test_step(self, batch: FaceBatch, batch_idx: int) -> dict:
-        outputs = {}
+    def test_step(self, batch: FaceBatch, batch_idx: int) -> TestStepOutput:
+        outputs: TestStepOutput = {}
         for label, t in self.targets.items():
             with torch.no_grad():
                 features, logits = t.model.features_and_logits(batch.images)
-            top1 = t.class_ids[logits.argmax(1)]
-            outputs[label] = {"features": features, "logits": logits, "top1": top1}
-            rows = self.make_rows(label, CLEAN, batch, features, top1)
-            self.record([r for r in rows if r.key not in self.done_keys])
-        return outputs
-
-    def make_rows(
-        self,
-        label: str,
-        attack: str,
-        batch: FaceBatch,
-        features: torch.Tensor,
-        top1: torch.Tensor,
-        **per_sample,
-    ) -> list[ResultRow]:
-        """Rows for a batch; ``per_sample`` holds tensors or lists of length B (or scalars).
-        ``top1`` is the prediction on the scored images: clean or adversarial by ``attack``."""
-        sc = self.score_rows(label, features, batch.identity)
-        per_sample["clean_top1" if attack == CLEAN else "adv_top1"] = top1
-        rows = []
-        for i in range(len(batch)):
-            extra = {k: _item(v, i) for k, v in per_sample.items()}
-            rows.append(
-                ResultRow(
-                    model=label,
-                    attack=attack,
-                    sample_id=int(batch.sample_id[i]),
-                    resolution=int(batch.resolution[i]),
-                    identity=int(batch.identity[i]),
-                    mate_rank=int(sc["mate_rank"][i]),
-                    mate_score=float(sc["mate_score"][i]),
-                    best_nonmate_score=float(sc["best_nonmate_score"][i]),
-                    open_mated=bool(sc["open_mated"][i]),
-                    open_mate_rank=int(sc["open_mate_rank"][i]),
-                    open_mate_score=float(sc["open_mate_score"][i]),
-                    open_top_score=float(sc["open_top_score"][i]),
-                    path=batch.paths[i] if batch.paths else "",
-                    **extra,
-                )
+            top1 = t.predict(logits)
+            outputs[label] = TargetOutput(
+                target=t,
+                features=features,
+                logits=logits,
+                top1=top1,
+                attack_labels=t.attack_labels(batch.identity, top1),
             )
-        return rows
-
-    def record(self, rows: list[ResultRow]) -> None:
-        if self.sink is not None and rows:
-            self.sink(rows)
-
-    def log_adversarial(self, label: str, attack: str, batch: FaceBatch, adversarial) -> None:
-        """Keep the first few clean/adversarial pairs of each (model, attack) for the report."""
-        have = self.examples.get((label, attack))
-        if have is not None and len(have[0]) >= self.max_examples:
-            return
-        n = self.max_examples - (0 if have is None else len(have[0]))
-        clean, adv = batch.images[:n].detach().cpu(), adversarial[:n].detach().cpu()
-        if have is not None:
-            clean, adv = torch.cat([have[0], clean]), torch.cat([have[1], adv])
-        self.examples[(label, attack)] = (clean, adv)
+        return outputs
 
 
 def _item(value, i: int):

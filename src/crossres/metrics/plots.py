@@ -1,16 +1,15 @@
-"""CMC and DET figures (matplotlib, saved to files) and their W&B counterparts.
+"""CMC and DET figures (matplotlib, saved to files).
 
 Figures are built with ``matplotlib.figure.Figure`` directly, not pyplot: no global backend
 or figure registry is touched, so this is safe in headless runs and in callbacks. The DET
 curve is drawn as NIST IR 8271 does: FNIR against FPIR, both on log axes; points where a
 rate is 0 cannot be shown on a log axis and are left out of the line. The operating point
 of ``functional.operating_point`` (FPIR@FNIR, default FNIR = 1e-2) is marked on each curve.
-``wandb`` is imported only by the ``wandb_*`` helpers.
+Their W&B counterparts live next to the report, in ``crossres.report.wandb``.
 """
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,10 +20,11 @@ from torch import Tensor
 
 from crossres.metrics.functional import DetCurve, operating_point
 
-__all__ = ["plot_cmc", "plot_det", "wandb_cmc", "wandb_det", "wandb_image"]
+__all__ = ["as_mapping", "cmc_values", "plot_cmc", "plot_det"]
 
 
-def _as_mapping(curves: Any, kind: type | tuple[type, ...], name: str) -> dict[str, Any]:
+def as_mapping(curves: Any, kind: type | tuple[type, ...], name: str) -> dict[str, Any]:
+    """One curve of type ``kind`` (labelled ``name``) or a non-empty mapping label -> curve."""
     if isinstance(curves, kind):
         return {name: curves}
     if isinstance(curves, Mapping) and curves:
@@ -34,7 +34,8 @@ def _as_mapping(curves: Any, kind: type | tuple[type, ...], name: str) -> dict[s
     )
 
 
-def _cmc_values(values: Any, label: str) -> list[float]:
+def cmc_values(values: Any, label: str) -> list[float]:
+    """A CMC curve as a list of hit rates (float64), checked to be non-empty and 1-D."""
     v = torch.as_tensor(values, dtype=torch.float64).detach().cpu()
     if v.ndim != 1 or v.numel() == 0:
         raise ValueError(
@@ -57,7 +58,7 @@ def plot_cmc(
     title: str = "CMC",
 ) -> Figure:
     """CMC curves (hit rate at ranks 1..n), one line per label; saved to ``path`` if given."""
-    data = {k: _cmc_values(v, k) for k, v in _as_mapping(curves, Tensor, "CMC").items()}
+    data = {k: cmc_values(v, k) for k, v in as_mapping(curves, Tensor, "CMC").items()}
     fig = Figure(figsize=(5, 4))
     ax = fig.add_subplot()
     for label, values in data.items():
@@ -79,7 +80,7 @@ def plot_det(
 ) -> Figure:
     """DET curves (FNIR vs FPIR, log-log) with the FNIR = ``target_fnir`` operating point of
     each curve marked (artist gid ``"operating-point:<label>"``); saved to ``path`` if given."""
-    data = _as_mapping(curves, DetCurve, "DET")
+    data = as_mapping(curves, DetCurve, "DET")
     fig = Figure(figsize=(5, 4))
     ax = fig.add_subplot()
     ax.set_xscale("log")
@@ -115,39 +116,3 @@ def plot_det(
     ax.text(0.02, 0.02, "\n".join(notes), transform=ax.transAxes, fontsize=7, va="bottom")
     _save(fig, path)
     return fig
-
-
-def _wandb() -> Any:
-    try:
-        import wandb
-    except ImportError as err:  # pragma: no cover - wandb is a dependency
-        raise ImportError("the wandb_* helpers need wandb: pip install wandb") from err
-    return wandb
-
-
-def wandb_cmc(curves: Tensor | Mapping[str, Tensor], *, title: str = "CMC") -> Any:
-    """A ``wandb.plot.line_series`` of the CMC curves (x = rank), for ``run.log``."""
-    data = {k: _cmc_values(v, k) for k, v in _as_mapping(curves, Tensor, "CMC").items()}
-    n = max(len(v) for v in data.values())
-    xs = list(range(1, n + 1))
-    ys = [v + [v[-1]] * (n - len(v)) for v in data.values()]
-    return _wandb().plot.line_series(xs=xs, ys=ys, keys=list(data), title=title, xname="rank")
-
-
-def wandb_det(curves: DetCurve | Mapping[str, DetCurve], *, title: str = "DET") -> Any:
-    """A ``wandb.plot.line_series`` of FNIR against FPIR (W&B draws linear axes; log the
-    ``wandb_image`` of ``plot_det`` for the log-log view)."""
-    data = _as_mapping(curves, DetCurve, "DET")
-    xs = [c.fpir.detach().double().cpu().tolist() for c in data.values()]
-    ys = [c.fnir.detach().double().cpu().tolist() for c in data.values()]
-    return _wandb().plot.line_series(xs=xs, ys=ys, keys=list(data), title=title, xname="FPIR")
-
-
-def wandb_image(fig: Figure, *, caption: str | None = None) -> Any:
-    """``wandb.Image`` of a figure (rendered to PNG here, so pyplot is never needed)."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=150, bbox_inches="tight")
-    buf.seek(0)
-    return _wandb().Image(Image.open(buf).convert("RGB"), caption=caption)

@@ -1,0 +1,96 @@
+"""W&B views of a run: CMC/DET charts, figures as images, the result rows and example pairs.
+
+``wandb`` is imported only inside these functions, so the rest of the package runs without
+it. Everything logged is a view of the result store (rows, the report's figures) or of the
+example pairs an attack callback kept.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from crossres.metrics.functional import DetCurve
+from crossres.metrics.plots import as_mapping, cmc_values
+from crossres.store import ResultRow, rows_to_dicts
+
+__all__ = ["example_grid", "run_payload", "wandb_cmc", "wandb_det", "wandb_image"]
+
+
+def _wandb() -> Any:
+    try:
+        import wandb
+    except ImportError as err:  # pragma: no cover - wandb is a dependency
+        raise ImportError("the W&B helpers need wandb: pip install wandb") from err
+    return wandb
+
+
+def wandb_cmc(curves: Tensor | Mapping[str, Tensor], *, title: str = "CMC") -> Any:
+    """A ``wandb.plot.line_series`` of the CMC curves (x = rank), for ``run.log``."""
+    data = {k: cmc_values(v, k) for k, v in as_mapping(curves, Tensor, "CMC").items()}
+    n = max(len(v) for v in data.values())
+    xs = list(range(1, n + 1))
+    ys = [v + [v[-1]] * (n - len(v)) for v in data.values()]
+    return _wandb().plot.line_series(xs=xs, ys=ys, keys=list(data), title=title, xname="rank")
+
+
+def wandb_det(curves: DetCurve | Mapping[str, DetCurve], *, title: str = "DET") -> Any:
+    """A ``wandb.plot.line_series`` of FNIR against FPIR (W&B draws linear axes; log the
+    ``wandb_image`` of ``plot_det`` for the log-log view)."""
+    data = as_mapping(curves, DetCurve, "DET")
+    xs = [c.fpir.detach().double().cpu().tolist() for c in data.values()]
+    ys = [c.fnir.detach().double().cpu().tolist() for c in data.values()]
+    return _wandb().plot.line_series(xs=xs, ys=ys, keys=list(data), title=title, xname="FPIR")
+
+
+def wandb_image(fig: Figure, *, caption: str | None = None) -> Any:
+    """``wandb.Image`` of a figure (rendered to PNG here, so pyplot is never needed)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=150, bbox_inches="tight")
+    buf.seek(0)
+    return _wandb().Image(Image.open(buf).convert("RGB"), caption=caption)
+
+
+def example_grid(clean: Tensor, adversarial: Tensor) -> Tensor:
+    """Per pair, side by side: clean | adversarial | |perturbation| scaled to its maximum."""
+    diff = (adversarial - clean).abs()
+    amplified = diff / diff.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    return torch.cat([clean, adversarial, amplified], dim=3)
+
+
+def run_payload(
+    rows: Sequence[ResultRow],
+    *,
+    figures: Sequence[Path] = (),
+    examples: Mapping[tuple[str, str], tuple[Tensor, Tensor]] | None = None,
+    n_images: int = 4,
+) -> dict[str, Any]:
+    """What ``run.log`` receives at the end of a run: the rows as a table, the report's
+    figures, and up to ``n_images`` example pairs per (model, attack)."""
+    wandb = _wandb()
+    payload: dict[str, Any] = {}
+    data = rows_to_dicts(rows)
+    if data:
+        columns = list(data[0])
+        payload["results"] = wandb.Table(
+            columns=columns, data=[[d[c] for c in columns] for d in data]
+        )
+    for png in figures:
+        payload[f"figures/{Path(png).stem}"] = wandb.Image(str(png))
+    for (label, attack), (clean, adv) in (examples or {}).items():
+        grid = example_grid(clean[:n_images], adv[:n_images])
+        payload[f"examples/{label}/{attack}"] = [
+            wandb.Image(
+                g.permute(1, 2, 0).numpy(), caption="clean | adversarial | |delta| (scaled)"
+            )
+            for g in grid
+        ]
+    return payload
