@@ -87,10 +87,10 @@ def run_payload(
         payload[f"figures/{Path(png).stem}"] = wandb.Image(str(png))
     for (label, attack), (clean, adv) in (examples or {}).items():
         grid = example_grid(clean[:n_images], adv[:n_images])
+        # uint8 here: wandb.Image (0.31) casts a float array with astype(uint8), no x255,
+        # which logged every [0, 1] image black
+        pixels = (grid * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
         payload[f"examples/{label}/{attack}"] = [
-            wandb.Image(
-                g.permute(1, 2, 0).numpy(), caption="clean | adversarial | |delta| (scaled)"
-            )
-            for g in grid
+            wandb.Image(g.numpy(), caption="clean | adversarial | |delta| (scaled)") for g in pixels
         ]
     return payload
