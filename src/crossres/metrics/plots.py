@@ -205,7 +205,12 @@ def plot_rate_curves(
             ax.set_xticks(xs_all)
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel(ylabel)
-    legend_outside(axes[-1], fontsize=7)
+    handles: dict[str, Any] = {}
+    for ax in axes:  # a label drawn in any panel, once
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    if handles:
+        legend_outside(axes[-1], handles=list(handles.values()), labels=list(handles), fontsize=7)
     if title:
         fig.suptitle(title)
     _save(fig, path)
