@@ -220,3 +220,20 @@ def test_report_cells_parse_and_match_the_interval_functions(tmp_path):
     n_mated = sum(1 for r in here if r.open_mated)
     assert head[1] == f"base 16 (n={n_mated}+{24 - n_mated})"
     assert CELL.match(body[CLEAN][0]) and CELL.match(body["DR (4-10)"][1])
+
+
+def test_wandb_payload_carries_every_interval_and_the_findings(tmp_path):
+    wandb = pytest.importorskip("wandb")
+    from crossres.report.wandb import INTERVAL_COLUMNS, run_payload
+
+    payload = run_payload(make_rows())
+    table = payload["report/intervals"]
+    assert isinstance(table, wandb.Table) and table.columns == INTERVAL_COLUMNS
+    by_key = {(r[1], r[3]): r for r in table.data}
+    low, high = wilson_interval(2, 3)
+    assert by_key[("CW", "success_rate")][4:] == ["3", pytest.approx(2 / 3), low, high]
+    assert payload["ci/base/CW/r16/success_rate_low"] == low
+    assert payload["ci/base/clean/r16/hit_rate_n"] == "4"
+    assert [row[2] for row in payload["report/findings"].data] == [
+        "undecided at this n"
+    ] * 3  # one target, 4 queries: nothing can be decided

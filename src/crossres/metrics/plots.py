@@ -189,16 +189,8 @@ def plot_rate_curves(
                 [max(0.0, a - b) for a, b in zip(y, lo, strict=True)],
                 [max(0.0, b - a) for a, b in zip(y, hi, strict=True)],
             ]
-            bars = ax.errorbar(
-                x,
-                y,
-                yerr=err,
-                marker="o",
-                markersize=4,
-                capsize=3,
-                label=label,
-                gid=f"rate:{name}:{label}",
-            )
+            bars = ax.errorbar(x, y, yerr=err, marker="o", markersize=4, capsize=3, label=label)
+            bars.lines[0].set_gid(f"rate:{name}:{label}")
             ax.fill_between(x, lo, hi, alpha=0.15, color=bars.lines[0].get_color(), linewidth=0)
         ax.set(title=name, xlabel=xlabel, ylim=(-0.03, 1.03))
         if xs_all:
