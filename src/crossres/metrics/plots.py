@@ -2,8 +2,8 @@
 
 Figures are built with ``matplotlib.figure.Figure`` directly, not pyplot: no global backend
 or figure registry is touched, so this is safe in headless runs and in callbacks. The DET
-curve is drawn as NIST IR 8271 does: FNIR against FPIR, both on log axes; points where a
-rate is 0 cannot be shown on a log axis and are left out of the line. The operating point
+curve is drawn as NIST IR 8271 does: FNIR against FPIR, both on log axes; a rate of 0
+cannot be shown on a log axis and is drawn on the axis edge (the axis labels say so). The operating point
 of ``functional.operating_point`` (FPIR@FNIR, default FNIR = 1e-2) is marked on each curve.
 Their W&B counterparts live next to the report, in ``crossres.report.wandb``.
 
@@ -110,29 +110,30 @@ def plot_det(
     ax.set_yscale("log")
     xs: list[float] = []
     ys: list[float] = [target_fnir]
+    prepared = []
     for label, curve in data.items():
         fpir = curve.fpir.detach().double().cpu()
         fnir = curve.fnir.detach().double().cpu()
-        shown = (fpir > 0) & (fnir > 0)
-        xs += fpir[shown].tolist()
-        ys += fnir[shown].tolist()
+        xs += fpir[fpir > 0].tolist()
+        ys += fnir[fnir > 0].tolist()
+        prepared.append((label, curve, fpir, fnir))
+    xlim, ylim = data_limits(xs), data_limits(ys)
+    for label, curve, fpir, fnir in prepared:
+        # a rate of 0 has no place on a log axis: it is drawn on the axis edge
+        shown_x = fpir.clamp_min(xlim[0]).tolist()
+        shown_y = fnir.clamp_min(ylim[0]).tolist()
         op = operating_point(curve, target_fnir)
         if op.reached:
             note = f"FPIR={float(op.fpir):.3g} @ FNIR={float(op.fnir):.3g}"
         else:
             note = f"FNIR<={target_fnir:g} not reached"
         (line,) = ax.plot(
-            fpir[shown].tolist(),
-            fnir[shown].tolist(),
-            drawstyle="steps-post",
-            label=f"{label}: {note}",
-            gid=f"det:{label}",
+            shown_x, shown_y, drawstyle="steps-post", label=f"{label}: {note}", gid=f"det:{label}"
         )
-        if op.reached and float(op.fpir) > 0:
-            xs.append(float(op.fpir))
+        if op.reached:
             ax.plot(
-                [float(op.fpir)],
-                [float(op.fnir)],
+                [max(float(op.fpir), xlim[0])],
+                [max(float(op.fnir), ylim[0])],
                 marker="o",
                 linestyle="none",
                 color=line.get_color(),
@@ -140,10 +141,10 @@ def plot_det(
             )
     ax.axhline(target_fnir, color="gray", linestyle="--", linewidth=0.8, gid="target-fnir")
     ax.set(
-        xlim=data_limits(xs),
-        ylim=data_limits(ys),
-        xlabel="FPIR",
-        ylabel="FNIR",
+        xlim=xlim,
+        ylim=ylim,
+        xlabel="FPIR (0 drawn on the left edge)",
+        ylabel="FNIR (0 drawn on the bottom edge)",
         title=title,
     )
     ax.grid(True, which="both", alpha=0.3)
@@ -204,6 +205,6 @@ def plot_rate_curves(
     if handles:
         legend_outside(axes[-1], handles=list(handles.values()), labels=list(handles), fontsize=7)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, y=1.06)
     _save(fig, path)
     return fig
