@@ -106,12 +106,15 @@ def csv_logger(save_dir: Path) -> list[str]:
 
 def logged_metrics(save_dir: Path) -> dict[str, float]:
     """The last value logged under every name (the metric callback logs its final, global
-    values after the running ones)."""
+    values after the running ones), checking that running values were logged before it."""
     (path,) = save_dir.rglob("metrics.csv")
     out: dict[str, float] = {}
+    steps: set[str] = set()
     with path.open() as f:
         for row in csv.DictReader(f):
             out.update({k: float(v) for k, v in row.items() if v != "" and k != "step"})
+            steps.add(row["step"])
+    assert len(steps) >= 2, "only the final values were logged, no running ones"
     return out
 
 
