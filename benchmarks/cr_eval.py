@@ -30,13 +30,14 @@ from pathlib import Path
 import torch
 from scipy import stats
 
+from crossres.cli import run_lightning
 from crossres.datamodules.base import ORIGINAL
 from crossres.datamodules.embedded import EmbeddedFacesDataModule
-from crossres.datamodules.gallery import compute_templates
-from crossres.lightning_modules.cr_training import CR_DLIB_RECIPE, ensure_cr_dlib_weights
+from crossres.lightning_modules.cr_recipe import CR_DLIB_RECIPE, ensure_cr_dlib_weights
 from crossres.metrics.functional import cmc_from_ranks
 from crossres.metrics.scoring import search
 from crossres.models.registry import build_model
+from crossres.models.templates import compute_templates
 
 RESOLUTIONS = (16, 24, 64, 256)
 
@@ -100,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     src.update(faces_cache=args.faces_cache, input_size=150, resize_shortest=None)
     dm = EmbeddedFacesDataModule(**src)
     dm.setup("test")
-    weights = args.weights or ensure_cr_dlib_weights(faces_cache=args.faces_cache)
+    weights = (
+        args.weights or ensure_cr_dlib_weights(fit=run_lightning, faces_cache=args.faces_cache).path
+    )
     t0 = time.perf_counter()
     base = evaluate(build_model("dlib_resnet29"), dm, None)
     cr = evaluate(build_model("dlib_resnet29", weights=str(weights)), dm, base["full"])

@@ -80,9 +80,7 @@ def test_no_import_circles_between_modules():
     """Tarjan-free check: a depth-first search over module -> imported module edges (package
     ``__init__`` files re-export their rooms, so edges into an ``__init__`` are skipped:
     importing ``crossres.models`` to reach ``crossres.models.base`` is not a circle)."""
-    graph = {
-        n: {m for m in deps if not MODULES[m].name == "__init__.py"} for n, deps in GRAPH.items()
-    }
+    graph = {n: {m for m in deps if MODULES[m].name != "__init__.py"} for n, deps in GRAPH.items()}
     state: dict[str, int] = {}
     stack: list[str] = []
 

@@ -25,15 +25,14 @@ from crossres.cli import main as crossres_main
 from crossres.datamodules.cr_data import CrossResolutionDataModule, FaceAugmentation, augment_faces
 from crossres.datamodules.resolution import ResolutionTransform, degrade
 from crossres.datamodules.synthetic import SyntheticFacesDataModule, synthetic_face
-from crossres.lightning_modules.cr_training import (
-    CR_DLIB_RECIPE,
-    CrossResolutionDistillation,
-    StudentExport,
+from crossres.lightning_modules.cr_export import StudentExport, save_state_dict
+from crossres.lightning_modules.cr_recipe import CR_DLIB_RECIPE
+from crossres.lightning_modules.cr_resolution import (
     degrade_batch,
     input_resolution,
     sample_training_resolution,
-    save_state_dict,
 )
+from crossres.lightning_modules.cr_training import CrossResolutionDistillation
 from crossres.lightning_modules.frozen_target import FrozenTarget, TargetSpec
 from crossres.models.base import PretrainedConfig
 from crossres.models.registry import build_model

@@ -14,9 +14,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from crossres.datamodules.base import ShardSampler
-from crossres.datamodules.gallery import compute_templates
 from crossres.datamodules.synthetic import SyntheticFacesDataModule
 from crossres.models.base import FaceModel, PretrainedConfig
+from crossres.models.templates import compute_templates
 
 WORLD = 2
 

@@ -22,7 +22,8 @@ from crossres.datamodules.embedded_sources import (
     load_chip,
     load_embedded_faces,
 )
-from crossres.models import dlib_resnet
+from crossres.io import sha256_file, verify_file
+from crossres.models import dlib_cache
 from crossres.models.dlib_resnet import (
     DLIB_MODEL_FILE,
     DlibFormatError,
@@ -293,10 +294,16 @@ def test_conversion_is_cached_and_a_corrupt_cache_rebuilt(tmp_path, monkeypatch)
         raise AssertionError(f"converted {path} again although it is cached")
 
     with monkeypatch.context() as m:
-        m.setattr(dlib_resnet, "read_dlib_net", no_conversion)
+        m.setattr(dlib_cache, "read_dlib_net", no_conversion)
         cached, _ = converted_dlib_weights()
     assert all(torch.equal(cached[k], v) for k, v in state.items())
 
+    assert verify_file(entry) == sha256_file(entry)  # written with its sidecar hash
+    data = bytearray(entry.read_bytes())
+    data[len(data) // 2] ^= 0x01  # a damaged byte that torch.load might not notice
+    entry.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match=f"rebuilding .*{entry.name}"):
+        converted_dlib_weights()
     entry.write_bytes(b"not a torch file")
     with pytest.warns(UserWarning, match="rebuilding"):
         rebuilt, _ = converted_dlib_weights()

@@ -145,8 +145,8 @@ def test_real_photographs_are_identified_by_the_dlib_model():
     """End to end on the default run's data: dlib's embedder (converted to PyTorch) with
     templates from the gallery faces identifies the held-out query faces at full resolution."""
     import crossres.models.dlib_resnet  # noqa: F401  (registers the model)
-    from crossres.datamodules.gallery import compute_templates
     from crossres.models.registry import build_model
+    from crossres.models.templates import compute_templates
 
     model = build_model("dlib_resnet29").eval()
     dm = EmbeddedFacesDataModule(

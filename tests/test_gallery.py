@@ -10,10 +10,13 @@ import torch
 from torch import nn
 
 from crossres.datamodules.base import CorruptImageError
-from crossres.datamodules.gallery import compute_templates, open_set_gallery, templates_path
-from crossres.datamodules.manifest import model_hash
+from crossres.datamodules.gallery import open_set_gallery
 from crossres.datamodules.synthetic import SyntheticFacesDataModule, SyntheticFacesDataset
+from crossres.io import CorruptFileError, sidecar_path
 from crossres.models.base import FaceModel, PretrainedConfig
+from crossres.models.fingerprint import model_hash
+from crossres.models.templates import compute_templates, load_templates, templates_path
+from crossres.paths import sha256_file
 
 
 class ConvEmbedder(FaceModel):
@@ -119,6 +122,7 @@ def test_cache_is_reused_only_for_the_same_model_manifest_and_option(tmp_path):
         tmp_path, model_hash=model_hash(other), manifest_hash=dm.manifest_hash, normalize="both"
     )
     shutil.copy(path, wrong)
+    shutil.copy(sidecar_path(path), sidecar_path(wrong))
     with pytest.raises(ValueError, match="made for something else.*model_hash"):
         compute_templates(
             other,
@@ -127,6 +131,25 @@ def test_cache_is_reused_only_for_the_same_model_manifest_and_option(tmp_path):
             normalize="both",
             cache=tmp_path,
         )
+
+
+def test_a_damaged_cache_file_is_refused_by_name_and_recomputed(tmp_path):
+    dm = datamodule()
+    model = ConvEmbedder(0)
+    args = dict(num_classes=dm.num_classes, cache=tmp_path)
+    g1 = compute_templates(model, dm.gallery_dataloader(), **args)
+    path = templates_path(
+        tmp_path, model_hash=model_hash(model), manifest_hash=dm.manifest_hash, normalize="none"
+    )
+    assert sidecar_path(path).read_text().split()[0] == sha256_file(path)
+    path.write_bytes(path.read_bytes()[:-7])  # a crash or a bad disk, after the sidecar
+    keys = dict(model_hash=model_hash(model), manifest_hash=dm.manifest_hash, normalize="none")
+    with pytest.raises(CorruptFileError, match=f"{path.name}.*crossres gallery"):
+        load_templates(path, num_classes=dm.num_classes, **keys)
+    with pytest.warns(UserWarning, match=f"recomputing the templates cache .*{path.name}"):
+        g2 = compute_templates(model, dm.gallery_dataloader(), **args)
+    torch.testing.assert_close(g1.features, g2.features, rtol=0, atol=0)
+    load_templates(path, num_classes=dm.num_classes, **keys)  # whole again
 
 
 def test_default_cache_follows_the_datasets_manifest_hash(tmp_path, monkeypatch):

@@ -13,7 +13,6 @@ from PIL import Image
 from torch import nn
 
 from crossres.datamodules.base import CorruptImageError, seeded_order
-from crossres.datamodules.gallery import compute_templates
 from crossres.datamodules.manifest import QueryManifest, model_hash
 from crossres.datamodules.query_selection import prepare_queries, select_queries
 from crossres.datamodules.resolution import ResolutionTransform
@@ -24,6 +23,7 @@ from crossres.datamodules.vggface2 import (
     vggface2_crop_box,
 )
 from crossres.models.base import FaceModel, PretrainedConfig
+from crossres.models.templates import compute_templates
 
 COLORS = np.array(
     [[220, 40, 40], [40, 200, 40], [40, 40, 220], [210, 210, 40], [210, 40, 210], [40, 210, 210]],

@@ -6,6 +6,10 @@ crossres report RUN_DIR                          (re)write RUN_DIR/report.md fro
 crossres gallery --config FILE                   build (and cache) the gallery templates
 crossres select-queries --config FILE            select the queries, write their manifest
 crossres fetch-faces                             fetch the embedded real faces into the cache
+crossres prepare [--force]                       fetch the faces, train the default's CR weights
+
+A ``CrossresError`` (bad input, a missing prepared artefact) ends the command with one line
+``crossres: <message>`` on stderr and status 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -23,8 +27,13 @@ from crossres.callbacks.store import ResultStoreCallback, run_directory
 from crossres.datamodules.query_selection import manifest_reader, prepare_queries
 from crossres.errors import CrossresError
 from crossres.lightning_modules import CrossResolutionDistillation, FrozenTarget
+from crossres.locks import RunDirLock
 from crossres.models.base import FaceModel
 from crossres.run_dir import claim_run_dir
+
+# Run-directory locks taken by this process's commands, released when the command ends (in
+# tests several commands run in one process one after the other).
+_RUN_LOCKS: list[RunDirLock] = []
 
 # Configuration keys that decide a run's results: a change in any of them is a new run.
 RESULT_KEYS = ("model", "data", "seed_everything")
@@ -59,6 +68,9 @@ class CrossresCLI(LightningCLI):
             if is_wandb and str(lg.init_args.get("save_dir", ".")) == ".":
                 lg.init_args["save_dir"] = str(root)
         if self.subcommand == "test" and _is_launch_process():
+            # held until this process ends (the kernel drops it even on SIGKILL): a second
+            # run on the same directory is refused at once instead of mixing its rows in
+            _RUN_LOCKS.append(RunDirLock(root).acquire())
             claim_run_dir(root, config=result_config(cfg))
 
     # Query selection is its own step, run before the loop when the manifest is missing (the
@@ -109,16 +121,20 @@ def resize_shortest(model: pl.LightningModule) -> int | None:
 
 
 def run_lightning(argv: list[str] | None) -> None:
-    CrossresCLI(
-        pl.LightningModule,
-        pl.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        trainer_defaults={"inference_mode": False},
-        save_config_kwargs={"overwrite": True},
-        seed_everything_default=0,
-        args=argv,
-    )
+    try:
+        CrossresCLI(
+            pl.LightningModule,
+            pl.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            trainer_defaults={"inference_mode": False},
+            save_config_kwargs={"overwrite": True},
+            seed_everything_default=0,
+            args=argv,
+        )
+    finally:
+        while _RUN_LOCKS:
+            _RUN_LOCKS.pop().release()
 
 
 def report_main(argv: list[str]) -> int:
@@ -212,11 +228,18 @@ def gallery_main(argv: list[str]) -> int:
     return 0
 
 
+def prepare_main(argv: list[str]) -> int:
+    from crossres.prepare import main
+
+    return main(argv, fit=run_lightning)  # the runner goes in: prepare never imports the CLI
+
+
 TOOLS = {
     "report": report_main,
     "fetch-faces": fetch_faces_main,
     "gallery": gallery_main,
     "select-queries": select_queries_main,
+    "prepare": prepare_main,
 }
 
 
@@ -226,10 +249,30 @@ def main(argv: list[str] | None = None) -> int:
         if args and args[0] in TOOLS:
             return TOOLS[args[0]](args[1:])
         run_lightning(argv)  # None: LightningCLI reads sys.argv itself
-    except CrossresError as e:  # the user's to fix: one line, no traceback
-        print(f"crossres: error: {e}", file=sys.stderr)
+    except Exception as e:
+        user_error = _crossres_error(e)
+        if user_error is None:
+            raise
+        print(f"crossres: {_one_line(user_error)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _crossres_error(e: BaseException | None) -> CrossresError | None:
+    """``e`` or the ``CrossresError`` it was raised from (jsonargparse re-raises what a class
+    raises while the CLI instantiates it as a ValueError ``from`` it); None for anything else.
+    Only explicit causes count: a bug raised while handling a user error stays a bug."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, CrossresError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__
+    return None
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
 
 
 if __name__ == "__main__":

@@ -10,6 +10,16 @@ images in [0, 1] with a per-sample success mask. The base class, not each algori
   claim of the algorithm.
 It never calls ``.to()`` on the model, never seeds the global RNG: device and dtype come from
 the inputs.
+
+Mixed precision is an option, never a default: an attack built with ``autocast="bfloat16"``
+(or ``"float16"``) runs its model calls under ``torch.autocast`` for the inputs' device type
+and hands their outputs to the algorithm in the images' dtype, so losses, budgets and
+projections stay in full precision. The final success check runs outside the attack's
+autocast: the verdict is the model's own at its own precision. Attacks that stop at their
+first success (JSMA, DR) confirm it at full precision before a sample stops (``confirm``);
+CW and EAD keep the best reduced-precision success, which at confidence 0 sits on the
+decision boundary and may fail the full-precision check: give them a ``confidence`` above
+the autocast logit error (tests/test_autocast.py measures it) for the same verdicts.
 """
 
 from __future__ import annotations
@@ -86,6 +96,8 @@ class Attack(ABC):
     reads: str = "logits"
     #: L-infinity bound on the [0, 1] scale, or None for unbounded attacks (CW, EAD, JSMA)
     epsilon: float | None = None
+    #: dtype name for the model calls under torch.autocast, or None (full precision)
+    autocast: str | None = None
 
     def __call__(
         self,
@@ -140,8 +152,35 @@ class Attack(ABC):
         return Dodging(gallery, labels, k=k, metric=metric)
 
     def output(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """What the objective reads: logits, or deep features (``model.features``)."""
-        return model(x) if self.reads == "logits" else model.features(x)
+        """What the objective reads: logits, or deep features (``model.features``), under
+        autocast when the attack has one, returned in the dtype of ``x``."""
+        with self.precision(x):
+            out = model(x) if self.reads == "logits" else model.features(x)
+        return out if self.autocast is None else out.to(x.dtype)
+
+    def precision(self, x: torch.Tensor) -> contextlib.AbstractContextManager:
+        """torch.autocast for ``x``'s device type and the attack's dtype, or nothing."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(x.device.type, dtype=getattr(torch, self.autocast))
+
+    def confirm(
+        self, model: nn.Module, x: torch.Tensor, claimed: torch.Tensor, objective: Any
+    ) -> torch.Tensor:
+        """Under autocast, the samples whose reduced-precision output met the objective
+        (``claimed`` [B] bool, ``objective`` for these B samples) are checked again at full
+        precision, so an attack that stops at its first success never stops on a point only
+        bf16 accepts (those lie on the decision boundary). One full-precision forward of
+        the claimed samples, which each stop about once. Returns the confirmed mask."""
+        if self.autocast is None:
+            return claimed
+        rows = torch.nonzero(claimed).squeeze(1)
+        if rows.numel() == 0:
+            return claimed
+        with torch.no_grad():
+            out = model(x[rows]) if self.reads == "logits" else model.features(x[rows])
+            ok = objective.subset(rows).achieved(out)
+        return claimed.index_put((rows,), ok)
 
     def project(self, source: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The budget, in one place: the epsilon ball around the source, then [0, 1]."""
@@ -174,11 +213,22 @@ def check_images(images: torch.Tensor) -> None:
         raise ValueError(f"images must be a float tensor [B, C, H, W], got {shape}")
     if not images.is_floating_point():
         raise ValueError(f"images must be floating point in [0, 1], got dtype {images.dtype}")
-    if images.numel() and (images.min() < 0 or images.max() > 1):
+    # one host synchronisation for both bounds
+    if images.numel() and bool(torch.logical_or(images.min() < 0, images.max() > 1)):
         raise ValueError(
             f"images must lie in [0, 1], got range [{images.min().item():.4g}, "
             f"{images.max().item():.4g}]; pass unnormalised images (models normalise inside)"
         )
+
+
+AUTOCAST_DTYPES = ("bfloat16", "float16")
+
+
+def check_autocast(value: str | None) -> str | None:
+    """Validate the autocast knob: None, "bfloat16" or "float16" (a clear error naming it)."""
+    if value is not None and value not in AUTOCAST_DTYPES:
+        raise ValueError(f"autocast must be None or one of {AUTOCAST_DTYPES}, got {value!r}")
+    return value
 
 
 def positive(name: str, value: float, *, strict: bool = True) -> float:

@@ -37,7 +37,7 @@ from crossres.attacks._margin import (
     margin_loss,
     search_success,
 )
-from crossres.attacks.base import Attack, positive
+from crossres.attacks.base import Attack, check_autocast, positive
 
 #: Adam's constants (torch's and TensorFlow's defaults, as Carlini used).
 ADAM_BETAS = (0.9, 0.999)
@@ -57,6 +57,8 @@ class CarliniWagnerL2(Attack):
     learning_rate: Adam's step size in w (tanh) space.
     initial_const: c of the first binary-search step.
     abort_early: stop a sample's binary-search step when its loss stalls.
+    autocast: None (full precision) or "bfloat16"/"float16": the model calls under
+        torch.autocast, the attack's own arithmetic in full precision.
 
     ``iterations`` of the result: optimisation steps each sample ran, summed over
     binary-search steps (at most binary_search_steps * steps).
@@ -73,7 +75,9 @@ class CarliniWagnerL2(Attack):
         learning_rate: float = 1e-2,
         initial_const: float = 1e-3,
         abort_early: bool = True,
+        autocast: str | None = None,
     ) -> None:
+        self.autocast = check_autocast(autocast)
         self.binary_search_steps = count("binary_search_steps", binary_search_steps)
         self.steps = count("steps", steps)
         self.confidence = float(positive("confidence", confidence, strict=False))
@@ -86,7 +90,7 @@ class CarliniWagnerL2(Attack):
             f"CarliniWagnerL2(binary_search_steps={self.binary_search_steps}, "
             f"steps={self.steps}, confidence={self.confidence}, "
             f"learning_rate={self.learning_rate}, initial_const={self.initial_const}, "
-            f"abort_early={self.abort_early})"
+            f"abort_early={self.abort_early}, autocast={self.autocast!r})"
         )
 
     def run(

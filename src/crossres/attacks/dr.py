@@ -25,6 +25,8 @@ feature is off its template).
 Batching: each sample has its own scipy L-BFGS-B, so its path is exactly the one it would
 take alone, and all live samples are evaluated together, one batched forward+backward per
 round, in the calling thread (where grad mode and the model live); finished samples leave.
+L-BFGS-B runs on the host, so each round copies its answers (loss, k-NN verdict, gradient)
+to the host once, in one transfer.
 With scipy >= 1.15 the samples' L-BFGS-B states are driven through scipy's own
 reverse-communication routine (``setulb``, the loop of ``scipy.optimize.minimize``
 replicated, including its ``maxiter``/``maxfun`` checks and its cache of the last point), so
@@ -44,7 +46,7 @@ import torch.nn.functional as F
 from scipy.optimize import Bounds, minimize
 from torch import nn
 
-from crossres.attacks.base import Attack, AttackResult, positive
+from crossres.attacks.base import Attack, AttackResult, check_autocast, positive
 from crossres.attacks.objectives import Dodging
 
 _STATS = threading.local()
@@ -77,6 +79,8 @@ class DeepRepresentation(Attack):
     k, metric: the gallery k-NN that decides success ("euclidean" or "cosine").
     max_evaluations: function evaluations per sample at most (None: ``2 * steps + 10``).
     memory: L-BFGS-B's number of correction pairs (scipy's default 10).
+    autocast: None (full precision) or "bfloat16"/"float16": the model calls under
+        torch.autocast, the attack's own arithmetic in full precision.
 
     Call as ``attack(model, images, targets, gallery=g)`` (impersonation) or
     ``attack(model, images, labels=identities, gallery=g)`` (dodging). The result's
@@ -96,7 +100,9 @@ class DeepRepresentation(Attack):
         metric: str = "euclidean",
         max_evaluations: int | None = None,
         memory: int = 10,
+        autocast: str | None = None,
     ) -> None:
+        self.autocast = check_autocast(autocast)
         self.epsilon = float(positive("epsilon", epsilon))
         if int(steps) != steps or steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
@@ -119,7 +125,7 @@ class DeepRepresentation(Attack):
     def __repr__(self) -> str:
         return (
             f"DeepRepresentation(epsilon={self.epsilon}, steps={self.steps}, k={self.k}, "
-            f"metric={self.metric!r})"
+            f"metric={self.metric!r}, autocast={self.autocast!r})"
         )
 
     def __call__(  # type: ignore[override]
@@ -174,18 +180,19 @@ class DeepRepresentation(Attack):
             rows = torch.as_tensor(index, device=device)
             x = torch.from_numpy(points).to(device=device, dtype=dtype).view(-1, *shape)
             x = torch.minimum(torch.maximum(x, lower[rows]), upper[rows]).requires_grad_(True)
-            feats = model.features(x)
+            feats = self.output(model, x)
             with torch.no_grad():
                 reached = objective.subset(rows).achieved(feats.detach())
+                reached = self.confirm(model, x.detach(), reached, objective.subset(rows))
             f, a = feats, anchor[rows].to(feats.dtype)
             if self.metric == "cosine":
                 f, a = F.normalize(f, dim=1), F.normalize(a, dim=1)
             loss = sign * (f - a).pow(2).sum(1)
             (grad,) = torch.autograd.grad(loss.sum(), x)
-            values = loss.detach().double().cpu().numpy()
-            grads = grad.detach().double().cpu().numpy().reshape(len(index), -1)
-            hits = reached.cpu().numpy()
-            return [(float(values[j]), grads[j], bool(hits[j])) for j in range(len(index))]
+            # one device-to-host copy per round: [loss, reached, gradient...] per sample
+            parts = (loss.detach()[:, None], reached[:, None], grad.detach().flatten(1))
+            host = torch.cat([t.double() for t in parts], 1).cpu().numpy()
+            return [(float(row[0]), row[2:], bool(row[1])) for row in host]
 
         lo = lower.double().cpu().numpy().reshape(n, -1)
         hi = upper.double().cpu().numpy().reshape(n, -1)
@@ -197,9 +204,11 @@ class DeepRepresentation(Attack):
             outcome = self._threads(evaluate, x0, lo, hi)
         adversarial = torch.from_numpy(np.stack([o.x for o in outcome]))
         adversarial = adversarial.to(device=device, dtype=dtype).view_as(source)
-        _STATS.evaluations = torch.tensor([o.evaluations for o in outcome], dtype=torch.int64)
-        iterations = torch.tensor([o.iterations for o in outcome], dtype=torch.int64)
-        return adversarial, iterations.to(device)
+        _STATS.evaluations = torch.tensor(
+            [o.evaluations for o in outcome], dtype=torch.int64, device=device
+        )
+        iterations = torch.tensor([o.iterations for o in outcome], dtype=torch.int64, device=device)
+        return adversarial, iterations
 
     # ------------------------------------------------ reverse communication (scipy >= 1.15)
     def _drive(self, setulb, evaluate, x0, lo, hi) -> list[_Outcome]:

@@ -34,7 +34,7 @@ from crossres.attacks._margin import (
     margin_loss,
     search_success,
 )
-from crossres.attacks.base import Attack, positive
+from crossres.attacks.base import Attack, check_autocast, positive
 
 #: The authors' early-abort test: stop when loss > ABORT_RATIO * the previous check's loss.
 ABORT_RATIO = 0.999999
@@ -63,6 +63,8 @@ class ElasticNet(Attack):
     initial_const: c of the first binary-search step.
     confidence: kappa, the margin the logits must clear.
     abort_early: stop a sample's binary-search step when its loss stalls.
+    autocast: None (full precision) or "bfloat16"/"float16": the model calls under
+        torch.autocast, the attack's own arithmetic in full precision.
 
     ``iterations`` of the result: FISTA steps each sample ran, summed over binary-search steps.
     """
@@ -80,7 +82,9 @@ class ElasticNet(Attack):
         initial_const: float = 1e-3,
         confidence: float = 0.0,
         abort_early: bool = True,
+        autocast: str | None = None,
     ) -> None:
+        self.autocast = check_autocast(autocast)
         if decision_rule not in ("EN", "L1"):
             raise ValueError(f"decision_rule must be 'EN' or 'L1', got {decision_rule!r}")
         self.binary_search_steps = count("binary_search_steps", binary_search_steps)
@@ -97,7 +101,8 @@ class ElasticNet(Attack):
             f"ElasticNet(binary_search_steps={self.binary_search_steps}, steps={self.steps}, "
             f"beta={self.beta}, decision_rule={self.decision_rule!r}, "
             f"learning_rate={self.learning_rate}, initial_const={self.initial_const}, "
-            f"confidence={self.confidence}, abort_early={self.abort_early})"
+            f"confidence={self.confidence}, abort_early={self.abort_early}, "
+            f"autocast={self.autocast!r})"
         )
 
     def run(

@@ -47,17 +47,20 @@ and verdicts, sample for sample.
 
 Batching: every sample keeps its own target, domain, counters and stop; all live samples go
 through one forward and one backward per iteration, and finished samples (success, budget or
-stuck) leave the batch. ``iterations`` reports the changes applied to the returned image.
+stuck) leave the batch, at one host synchronisation per iteration (the compaction).
+``iterations`` reports the changes applied to the returned image.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crossres.attacks.base import Attack, positive
+from crossres.attacks.base import Attack, check_autocast, positive
 from crossres.attacks.objectives import Misclassification, TargetedMisclassification
 
 #: foolbox 2's GradientAttack defaults: 1000 step sizes in (0, 1], refined when the first
@@ -74,6 +77,8 @@ class JSMA(Attack):
     max_perturbations_per_pixel: times one input component may be changed (10).
     untargeted_target: "foolbox" (the paper's: foolbox 2's GradientAttack scan, up to 1000
         forwards per sample) or "runner_up" (the most likely other class, one forward).
+    autocast: None (full precision) or "bfloat16"/"float16": the model calls under
+        torch.autocast, the attack's own arithmetic in full precision.
     seed: only for foolbox's random-target fallback (untargeted, when its gradient scan
         finds no misclassification); never touches the global RNG.
     """
@@ -88,7 +93,9 @@ class JSMA(Attack):
         max_perturbations_per_pixel: int = 10,
         seed: int = 0,
         untargeted_target: str = "foolbox",
+        autocast: str | None = None,
     ) -> None:
+        self.autocast = check_autocast(autocast)
         if int(max_iter) != max_iter or max_iter < 1:
             raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
         if int(max_perturbations_per_pixel) != max_perturbations_per_pixel or (
@@ -113,7 +120,8 @@ class JSMA(Attack):
     def __repr__(self) -> str:
         return (
             f"JSMA(max_iter={self.max_iter}, theta={self.theta}, "
-            f"max_perturbations_per_pixel={self.max_perturbations_per_pixel})"
+            f"max_perturbations_per_pixel={self.max_perturbations_per_pixel}, "
+            f"autocast={self.autocast!r})"
         )
 
     # ------------------------------------------------------------------ main loop
@@ -141,40 +149,44 @@ class JSMA(Attack):
         # per-sample search domain and change counter, linear in the number of components
         domain = torch.ones_like(flat, dtype=torch.bool)
         counts = torch.zeros_like(flat, dtype=torch.int32)
+        # a sample whose chosen change was 0 can never change again; it leaves the batch at
+        # the next iteration's compaction, so each iteration synchronises with the device once
+        stuck = torch.zeros(n, dtype=torch.bool, device=device)
         for step in range(self.max_iter):
             if active.numel() == 0:
                 break
             xa = x[active].requires_grad_(True)
-            logits = model(xa)
+            logits = self.output(model, xa)
             with torch.no_grad():
-                done = objective.subset(active).achieved(logits.detach())
                 if step == self.max_iter - 1:  # the next change would never be checked
-                    done = torch.ones_like(done)
-            keep = ~done
-            iterations[active[done]] = step
-            if not bool(keep.any()):
+                    done = torch.ones_like(active, dtype=torch.bool)
+                else:
+                    done = objective.subset(active).achieved(logits.detach())
+                    done = self.confirm(model, xa.detach(), done, objective.subset(active))
+                was_stuck = stuck[active]
+                finished = iterations[active]
+                iterations[active] = torch.where(done & ~was_stuck, step, finished)
+                keep = torch.nonzero(~(done | was_stuck)).squeeze(1)  # the one sync
+            if keep.numel() == 0:
                 break
-            loss = F.cross_entropy(logits[keep], targets[active[keep]], reduction="sum")
+            rows = active[keep]
+            loss = F.cross_entropy(logits[keep], targets[rows], reduction="sum")
             (grad,) = torch.autograd.grad(loss, xa)
             with torch.no_grad():
-                rows = active[keep]
                 alpha = grad[keep].reshape(rows.numel(), -1)
                 alpha = alpha * domain[rows]
                 # fast=True: saliency = alpha * beta = -alpha; its argmin is the largest signed
                 # alpha, masked components counting as 0 (first on ties, as np.argmin)
                 idx = alpha.argmax(1)
                 value = alpha.gather(1, idx[:, None]).squeeze(1)
-                stuck = value == 0
-                iterations[rows[stuck]] = step
-                rows, idx, value = rows[~stuck], idx[~stuck], value[~stuck]
+                moves = value != 0  # sign(0) = 0: a stuck sample's image stays as it is
+                stuck[rows] = ~moves
+                iterations[rows] = torch.where(moves, iterations[rows], step)
                 new = flat[rows, idx] - torch.sign(value).to(flat.dtype) * self.theta
-                counts[rows, idx] += 1
-                leaves = (
-                    (new <= 0)
-                    | (new >= 1)
-                    | (counts[rows, idx] >= self.max_perturbations_per_pixel)
-                )
-                domain[rows, idx] = ~leaves
+                changed = counts[rows, idx] + moves.to(counts.dtype)
+                counts[rows, idx] = changed
+                leaves = (new <= 0) | (new >= 1) | (changed >= self.max_perturbations_per_pixel)
+                domain[rows, idx] = torch.where(moves, ~leaves, domain[rows, idx])
                 flat[rows, idx] = new.clamp(0.0, 1.0)
                 active = rows
         return x, iterations
@@ -185,7 +197,7 @@ class JSMA(Attack):
         self, model: nn.Module, images: torch.Tensor, objective: Misclassification
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The cheap choice (one forward): the most likely class other than the label."""
-        logits = model(images)
+        logits = self.output(model, images)
         labels = objective.labels.to(images.device)
         masked = logits.scatter(1, labels.unsqueeze(1), -torch.inf)
         todo = torch.nonzero(~objective.achieved(logits)).squeeze(1)
@@ -201,7 +213,7 @@ class JSMA(Attack):
         labels = objective.labels.to(device)
         targets = labels.clone()
         xg = images.detach().clone().requires_grad_(True)
-        logits = model(xg)
+        logits = self.output(model, xg)
         with torch.no_grad():
             done = objective.achieved(logits.detach())  # already misclassified: distance 0
         todo = torch.nonzero(~done).squeeze(1)
@@ -216,7 +228,8 @@ class JSMA(Attack):
             g = g / (rms + 1e-8).view(-1, *([1] * (g.ndim - 1)))  # times the range (max - min = 1)
             eps = torch.from_numpy(np.linspace(0, 1, num=_GRADIENT_EPSILONS + 1)[1:])
             table = eps.to(device).expand(todo.numel(), -1)
-            found, where, pred = _first_misclassified(model, x0, g, labels[todo], table, n)
+            forward = lambda x: self.output(model, x)  # noqa: E731
+            found, where, pred = _first_misclassified(forward, x0, g, labels[todo], table, n)
             chosen = pred.clone()
             fine = found & (where < _GRADIENT_REFINE_BELOW)
             if fine.any():
@@ -226,7 +239,7 @@ class JSMA(Attack):
                     np.stack([np.linspace(0, e, num=_GRADIENT_REFINE_BELOW + 1)[1:] for e in top])
                 ).to(device)
                 f2, _, p2 = _first_misclassified(
-                    model, x0[sel], g[sel], labels[todo][sel], fine_table, n
+                    forward, x0[sel], g[sel], labels[todo][sel], fine_table, n
                 )
                 chosen[sel[f2]] = p2[f2]
             for i in torch.nonzero(~found).squeeze(1).tolist():  # foolbox's random fallback
@@ -242,7 +255,7 @@ class JSMA(Attack):
 
 @torch.no_grad()
 def _first_misclassified(
-    model: nn.Module,
+    model: Callable[[torch.Tensor], torch.Tensor],
     x0: torch.Tensor,
     direction: torch.Tensor,
     labels: torch.Tensor,

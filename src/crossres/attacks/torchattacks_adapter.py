@@ -121,5 +121,7 @@ class TorchattacksAttack(Attack):
             ),
             1,
         )
-        iterations = torch.full((images.shape[0],), int(budget), dtype=torch.int64)
-        return adversarial.detach().to(images.device, images.dtype), iterations.to(images.device)
+        iterations = torch.full(
+            (images.shape[0],), int(budget), dtype=torch.int64, device=images.device
+        )
+        return adversarial.detach().to(images.device, images.dtype), iterations

@@ -10,7 +10,6 @@ were skipped as unreadable. ``content_hash`` keys what is computed from it (gall
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -18,39 +17,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
 from crossres.errors import NotPreparedError
 from crossres.io import atomic_write_text, sha256_bytes
+from crossres.models.fingerprint import model_hash, state_hash  # noqa: F401  (moved)
 
 MANIFEST_FORMAT = "crossres-query-manifest"
 MANIFEST_VERSION = 1
 # the explicit step that writes a manifest (named by every error about a missing one)
 SELECT_COMMAND = "crossres select-queries --config FILE"
-
-
-def state_hash(model: nn.Module) -> str:
-    """sha256 of a model's state dict (names, dtypes, shapes and values)."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        if t.dtype == torch.bfloat16:
-            t = t.float()
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
-
-
-def model_hash(model: nn.Module) -> str:
-    """What identifies a model's weights: ``pretrained_cfg.weights_hash`` (sha256 of the weight
-    file) when it has one, else ``"state-"`` + ``state_hash(model)``, so that randomly
-    initialised or fine-tuned models are told apart too."""
-    cfg = getattr(model, "pretrained_cfg", None)
-    weights_hash = getattr(cfg, "weights_hash", "") if cfg is not None else ""
-    if weights_hash:
-        return str(weights_hash)
-    return "state-" + state_hash(model)
 
 
 def digest_lines(lines: list[str]) -> str:

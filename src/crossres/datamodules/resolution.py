@@ -18,23 +18,23 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from crossres.models.base import PretrainedConfig
+from crossres.models.resampling import low_resolution_size, upsample_to_model_input
+
+__all__ = [
+    "ORIGINAL",
+    "ResolutionTransform",
+    "check_resolutions",
+    "degrade",
+    "low_resolution_size",
+    "shrink",
+]
 
 ORIGINAL = 0  # the resolution value that means "the image as it is"
 
 
-def low_resolution_size(width: int, height: int, r: int) -> tuple[int, int]:
-    """(width, height) of the low-resolution image: shortest side ``r``, aspect ratio kept, the
-    other side truncated to an int, with the paper's own float expressions (so that ``int``
-    truncates exactly as there)."""
-    ratio = height / float(width)
-    if height < width:
-        return int(r / float(ratio)), int(r)
-    return int(r), int(r * float(ratio))
-
-
-def degrade(img: Image.Image, r: int | None) -> Image.Image:
-    """Shortest side down to ``r`` (BILINEAR, antialiased, aspect kept, truncated), then back up
-    to the original size (BILINEAR). Unchanged when ``r`` is 0/None or ``r >=`` the shortest side.
+def shrink(img: Image.Image, r: int | None) -> Image.Image:
+    """The first half of ``degrade``: shortest side down to ``r`` (BILINEAR, antialiased,
+    aspect kept, truncated). The image itself when ``r`` is 0/None or ``r >=`` the shortest side.
     """
     if r is None or r == ORIGINAL:
         return img
@@ -43,8 +43,17 @@ def degrade(img: Image.Image, r: int | None) -> Image.Image:
     w, h = img.size
     if r >= w or r >= h:
         return img
-    small = img.resize(low_resolution_size(w, h, r), Image.BILINEAR)
-    return small.resize((w, h), Image.BILINEAR)
+    return img.resize(low_resolution_size(w, h, r), Image.BILINEAR)
+
+
+def degrade(img: Image.Image, r: int | None) -> Image.Image:
+    """Shortest side down to ``r`` (BILINEAR, antialiased, aspect kept, truncated), then back up
+    to the original size (BILINEAR). Unchanged when ``r`` is 0/None or ``r >=`` the shortest side.
+    """
+    small = shrink(img, r)
+    if small is img:
+        return img
+    return small.resize(img.size, Image.BILINEAR)
 
 
 def _as_hw(size: int | Sequence[int]) -> tuple[int, int]:
@@ -66,6 +75,13 @@ class ResolutionTransform:
     centre ``input_size`` crop (the VGGFace2 models: 256 then 224), or, with
     ``resize_shortest=None``, resize straight to ``input_size`` (e.g. dlib's 150x150 chips).
     Never normalises: models do that inside ``forward``.
+
+    Its two halves, for the adversary who owns the low-resolution capture:
+    ``low_resolution(img)`` is the degraded image before upsampling ([3, h_r, w_r], PIL's
+    pixels / 255, the image itself when ``resolution`` is 0 or >= its shortest side), and
+    ``upsample(t, (h, w))`` the differentiable torch rest of the pipeline (back up to the
+    original (h, w), then to the model input), within 2/255 of ``self(img)``
+    (see ``crossres.models.resampling``).
     """
 
     def __init__(
@@ -101,6 +117,20 @@ class ResolutionTransform:
             img = TF.resize(img, self.resize_shortest, interpolation=TF.InterpolationMode.BILINEAR)
             img = TF.center_crop(img, list(self.input_size))
         return TF.to_tensor(img)
+
+    def low_resolution(self, img: Image.Image) -> torch.Tensor:
+        """The degraded image before upsampling: float RGB [3, h_r, w_r], exactly PIL's uint8
+        pixels / 255 (h_r, w_r from ``low_resolution_size``; the original size when the
+        resolution is 0 or >= the shortest side)."""
+        return TF.to_tensor(shrink(img.convert("RGB"), self.resolution))
+
+    def upsample(self, t: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        """``[..., 3, h_r, w_r]`` low-resolution images -> ``[..., 3, H, W]`` model input: back
+        up to ``size`` = the original image's (height, width), then this transform's resize and
+        crop. Differentiable, batched, on ``t``'s device and dtype."""
+        return upsample_to_model_input(
+            t, size, input_size=self.input_size, resize_shortest=self.resize_shortest
+        )
 
     def __repr__(self) -> str:
         return (

@@ -14,26 +14,6 @@ optimised with SGD (lr 1e-3, momentum 0.9, weight decay 5e-4; batch 32 with 8 ac
 batches in ``configs/paper/cr_training.yaml``). Embedders without a classifier (dlib's) use the
 label-free variant: the MSE term alone.
 
-Where the low resolution is made. The benchmark degrades the *original* image with PIL
-(``datamodules.resolution.degrade``: shortest side to ``r``, BILINEAR, back up) before the
-model's resize and centre crop. Training degrades the *batch tensor* instead (``degrade_batch``:
-``F.interpolate(antialias=True)`` bilinear down, bilinear back up), which costs nothing and
-needs no second decode. Two small differences follow, both documented and bounded in the tests:
-
-- scale: with ``resolution_reference="source"`` (default) ``r`` is converted to the tensor as
-  ``r * crop_side / resize_shortest`` (224/256 for SE-ResNet-50), so that the face keeps the
-  same number of pixels across the crop as the PIL pipeline leaves it; for models fed the whole
-  image (``resize_shortest=None``: dlib's 150x150 chips, images already at the input size) the
-  two coincide;
-- filter: torch's antialiased bilinear is PIL's triangle filter, but PIL rounds the small image
-  to 8 bits and resamples the original before the model's resize; on an image already at the
-  input size the two agree to a few 1/255 on average (``tests/test_cr_training.py``).
-
-Resolution draws are keyed by ``(seed, epoch, batch index)`` through numpy's SeedSequence, not
-by the global RNG: reproducible, restored on resume, and identical on every DDP process (all
-ranks run the same batch indices). Not ``global_step``: that counts optimizer steps, so with
-gradient accumulation it would hold one resolution for all the accumulated batches.
-
 Validation: the datamodule's queries at each of its resolutions against gallery templates at
 full resolution, rank-1 hit rate logged as ``val/hit_rate_r{res}``. Templates come from the
 student by default (``templates="student"``: the paper evaluates a model with its own features,
@@ -42,121 +22,40 @@ low-resolution student features land on the Base model's gallery).
 
 Checkpoints hold the student alone (``student.*``; the teacher is rebuilt from ``model`` and
 ``weights`` and restored on load), so ``build_model(name, weights="last.ckpt")`` gives the
-student and ``crossres test`` uses a checkpoint unchanged. ``StudentExport`` also writes the
-student as a plain state dict at the end of ``fit`` (with its sha256 beside it).
+student and ``crossres test`` uses a checkpoint unchanged. ``StudentExport`` (``cr_export``) also
+writes the student as a plain state dict at the end of ``fit`` (with its sha256 beside it).
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import io
-import json
-import os
-import shutil
-import sys
-import tempfile
-import time
-from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import crossres.models.dlib_resnet  # noqa: F401  (registers dlib_resnet29)
-import crossres.models.senet  # noqa: F401  (registers senet50_vggface2)
-from crossres.datamodules.resolution import low_resolution_size
+from crossres.lightning_modules.cr_export import StudentExport  # noqa: F401  (configs name it here)
+from crossres.lightning_modules.cr_resolution import (
+    ResolutionReference,
+    degrade_batch,
+    input_resolution,
+    sample_training_resolution,
+)
 from crossres.metrics.classes import HitRate
 from crossres.metrics.functional import ProbeSummary
 from crossres.metrics.scoring import search
-from crossres.models.base import FaceModel, PretrainedConfig
-from crossres.models.registry import build_model
-from crossres.paths import cache_dir, sha256_file
+from crossres.models import FaceModel, PretrainedConfig, build_model
+from crossres.models.templates import compute_templates
 from crossres.types import FaceBatch, Gallery
 
-__all__ = [
-    "CR_DLIB_RECIPE",
-    "CrossResolutionDistillation",
-    "StudentExport",
-    "degrade_batch",
-    "ensure_cr_dlib_weights",
-    "input_resolution",
-    "sample_training_resolution",
-    "save_state_dict",
-]
+__all__ = ["CrossResolutionDistillation", "StudentExport"]
 
 TemplateSource = Literal["student", "teacher"]
-ResolutionReference = Literal["source", "input"]
 STUDENT_PREFIX = "student."
 TEACHER_PREFIX = "teacher."
-
-
-# ----------------------------------------------------------------------------- resolutions
-
-
-def sample_training_resolution(seed: int, *key: int, exponents: tuple[int, int] = (3, 8)) -> int:
-    """``2**int(lo + (hi - lo) * u)``, u ~ U[0, 1) drawn from ``(seed, *key)`` alone.
-
-    With the default ``exponents=(3, 8)`` this is the paper's ``2**int(3 + 5u)``: 8, 16, 32,
-    64 or 128 px, each with probability 1/5. The draw uses numpy's SeedSequence of the
-    non-negative integers ``(seed, *key)``, so it is the same in every process and run.
-    """
-    lo, hi = (int(e) for e in exponents)
-    if not 0 <= lo < hi:
-        raise ValueError(f"exponents must be (lo, hi) with 0 <= lo < hi, got {exponents}")
-    parts = [int(seed), *(int(k) for k in key)]
-    if any(p < 0 for p in parts):
-        raise ValueError(f"seed and key must be non-negative integers, got {parts}")
-    u = np.random.default_rng(parts).random()
-    return 2 ** int(lo + (hi - lo) * u)
-
-
-def input_resolution(
-    resolution: int, cfg: PretrainedConfig, *, reference: ResolutionReference = "source"
-) -> int:
-    """The shortest side, on the model's input tensor, that matches ``resolution``.
-
-    "source": ``resolution`` is the shortest side of the image before the model's resize (as in
-    the benchmark's PIL pipeline); the centre crop keeps ``crop / resize_shortest`` of it, so
-    the tensor is degraded to ``round(resolution * crop / resize_shortest)`` (at least 1).
-    "input": ``resolution`` is the tensor's own shortest side. The two agree when the model
-    takes the whole image (``resize_shortest=None``).
-    """
-    if reference not in ("source", "input"):
-        raise ValueError(f"resolution_reference must be 'source' or 'input', got {reference!r}")
-    if resolution < 1:
-        raise ValueError(f"resolution must be >= 1 px, got {resolution}")
-    if reference == "input" or cfg.resize_shortest is None:
-        return int(resolution)
-    crop = min(cfg.input_size[1:])
-    return max(1, round(resolution * crop / cfg.resize_shortest))
-
-
-def degrade_batch(images: torch.Tensor, resolution: int) -> torch.Tensor:
-    """Low-resolution copies of a batch: shortest side down to ``resolution`` (aspect ratio kept,
-    the other side truncated as in ``low_resolution_size``) with antialiased bilinear
-    interpolation, then bilinear back up to the input size. Unchanged when ``resolution`` is at
-    least the shortest side. Differentiable; keeps dtype and device."""
-    if images.ndim != 4:
-        raise ValueError(f"expected images [B, C, H, W], got shape {tuple(images.shape)}")
-    if resolution < 1:
-        raise ValueError(f"resolution must be >= 1 px, got {resolution}")
-    h, w = images.shape[-2:]
-    if resolution >= min(h, w):
-        return images
-    lw, lh = low_resolution_size(w, h, int(resolution))
-    small = F.interpolate(
-        images, size=(lh, lw), mode="bilinear", antialias=True, align_corners=False
-    )
-    return F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
-
-
-# ----------------------------------------------------------------------------- the module
 
 
 class CrossResolutionDistillation(pl.LightningModule):
@@ -257,13 +156,6 @@ class CrossResolutionDistillation(pl.LightningModule):
     def input_config(self) -> PretrainedConfig:
         """The preprocessing the data must follow (the teacher's; the student's is the same)."""
         return self.teacher.pretrained_cfg
-
-    @property
-    def models(self) -> dict[str, FaceModel]:
-        """The frozen reference model, for datamodules that select their queries with the
-        target model (VGGFace2's ``prepare_data``): the queries are those the Base model gets
-        right, and the training images are never queries."""
-        return {"teacher": self.teacher}
 
     def train(self, mode: bool = True) -> CrossResolutionDistillation:
         super().train(mode)
@@ -366,8 +258,6 @@ class CrossResolutionDistillation(pl.LightningModule):
                 "validation needs a datamodule with gallery_dataloader() and num_classes "
                 "(a MultiResolutionDataModule or CrossResolutionDataModule)"
             )
-        from crossres.datamodules.gallery import compute_templates
-
         if self.templates == "teacher" and self._teacher_gallery is not None:
             return self._teacher_gallery
         model = self.teacher if self.templates == "teacher" else self.student
@@ -470,187 +360,3 @@ def _unused_by_features(model: FaceModel) -> list[nn.Parameter]:
     finally:
         model.train(was_training)
     return [p for p, g in zip(params, grads, strict=True) if g is None]
-
-
-class StudentExport(pl.Callback):
-    """At the end of ``fit``, writes the student as a plain state dict (``path``, default
-    ``<default_root_dir>/student.pt``) and its sha256 in ``<path>.sha256``; ``build_model(name,
-    weights=path)`` loads it."""
-
-    def __init__(self, path: str | None = None) -> None:
-        self.path = path
-        self.written: Path | None = None
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        student = getattr(pl_module, "student", None)
-        if not isinstance(student, nn.Module):
-            raise TypeError(f"StudentExport needs a module with a .student, got {type(pl_module)}")
-        path = Path(self.path or Path(trainer.default_root_dir) / "student.pt")
-        if trainer.is_global_zero:
-            save_state_dict(student, path)
-        trainer.strategy.barrier("student-export")
-        self.written = path
-
-
-def save_state_dict(model: nn.Module, path: str | os.PathLike) -> str:
-    """``torch.save(model.state_dict())`` on the CPU, atomically and byte-reproducibly (the same
-    tensors give the same file); writes ``<path>.sha256`` and returns the digest."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    # through a buffer: torch.save names the zip records after the file it writes, so saving
-    # to a temporary name would change the bytes (and the sha256) from run to run
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buffer.getvalue())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a cache file is not
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    digest = sha256_file(path)
-    path.with_name(path.name + ".sha256").write_text(f"{digest}  {path.name}\n")
-    return digest
-
-
-# ----------------------------------------------------------------------------- embedded default
-
-#: ``configs/cr_dlib.yaml``: the CR fine-tune of dlib's embedder on the embedded photos' gallery
-#: split (never their queries), label-free, with augmentation; the final weights are used (no
-#: selection on the validation queries, which are the benchmark's). ``tests/test_cr_training.py``
-#: checks the file and this dict agree.
-CR_DLIB_RECIPE: dict[str, Any] = {
-    "seed_everything": 0,
-    "trainer": {
-        "accelerator": "cpu",
-        "devices": 1,
-        "max_epochs": 2,
-        "limit_val_batches": 0,
-        "num_sanity_val_steps": 0,
-        "log_every_n_steps": 5,
-        "logger": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "callbacks": [
-            {
-                "class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
-                "init_args": {"save_last": True, "save_top_k": 0},
-            },
-            {"class_path": "crossres.lightning_modules.cr_training.StudentExport"},
-        ],
-    },
-    "model": {
-        "class_path": "crossres.lightning_modules.cr_training.CrossResolutionDistillation",
-        "init_args": {
-            "model": "dlib_resnet29",
-            "label_free": True,
-            "exponents": [3, 8],
-            "lr": 0.01,
-            "momentum": 0.9,
-            "weight_decay": 0.0,
-            "similarity": "cosine",
-            "seed": 0,
-        },
-    },
-    "data": {
-        "class_path": "crossres.datamodules.cr_data.CrossResolutionDataModule",
-        "init_args": {
-            "source": {
-                "class_path": "crossres.datamodules.embedded.EmbeddedFacesDataModule",
-                "init_args": {"seed": 0, "batch_size": 16, "resolutions": [16, 24, 64, 256]},
-            },
-            "augmentation": {
-                "flip": 0.5,
-                "crop_scale": 0.9,
-                "brightness": 0.2,
-                "contrast": 0.2,
-                "saturation": 0.2,
-            },
-            "seed": 0,
-        },
-    },
-}
-
-
-#: Bump when the training code changes what ``CR_DLIB_RECIPE`` produces (retrains the cache).
-CR_DLIB_VERSION = 1
-
-
-def _recipe_key(recipe: dict[str, Any], *parts: str) -> str:
-    text = f"v{CR_DLIB_VERSION}|" + json.dumps(recipe, sort_keys=True) + "|" + "|".join(parts)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def cr_dlib_weights_path(
-    *, faces_cache: str | None = None, recipe: dict[str, Any] | None = None
-) -> Path:
-    """Where ``ensure_cr_dlib_weights`` keeps the CR dlib weights: named by the recipe, dlib's
-    own weights and the embedded split (manifest hash), so any change trains afresh."""
-    from crossres.datamodules.embedded import EmbeddedFacesDataModule
-    from crossres.models.dlib_resnet import packaged_dlib_model_path
-
-    recipe = CR_DLIB_RECIPE if recipe is None else recipe
-    src = dict(recipe["data"]["init_args"]["source"]["init_args"])
-    dm = EmbeddedFacesDataModule(**{**src, "faces_cache": faces_cache})
-    dm.setup("fit")
-    key = _recipe_key(recipe, sha256_file(packaged_dlib_model_path()), dm.manifest_hash)
-    return cache_dir("models") / f"dlib_resnet29-cr-{key[:24]}.pt"
-
-
-def ensure_cr_dlib_weights(
-    *,
-    faces_cache: str | None = None,
-    force: bool = False,
-    recipe: dict[str, Any] | None = None,
-    log: Callable[[str], None] | None = None,
-) -> Path:
-    """The CR variant of dlib's embedder, trained once with ``CR_DLIB_RECIPE`` (the same as
-    ``crossres fit --config configs/cr_dlib.yaml``) and cached under ``cache_dir("models")``.
-
-    Returns the path of a plain state dict: ``build_model("dlib_resnet29", weights=path)``.
-    A JSON record beside it (``.json``) names the recipe, the split's manifest hash, the
-    training time and the file's sha256. ``force`` retrains. Needs the embedded faces
-    (``crossres fetch-faces``).
-    """
-    log = log or (lambda msg: print(msg, file=sys.stderr))
-    recipe = copy.deepcopy(CR_DLIB_RECIPE if recipe is None else recipe)
-    if faces_cache is not None:
-        recipe["data"]["init_args"]["source"]["init_args"]["faces_cache"] = str(faces_cache)
-    target = cr_dlib_weights_path(faces_cache=faces_cache, recipe=recipe)
-    if target.is_file() and not force:
-        return target
-    import yaml
-
-    from crossres.cli import main as crossres_main
-
-    work = Path(tempfile.mkdtemp(prefix=target.stem + ".", dir=target.parent))
-    try:
-        config = work / "config.yaml"
-        config.write_text(yaml.safe_dump(recipe, sort_keys=False))
-        log(f"training the CR variant of dlib_resnet29 into {target} (once; a few minutes)")
-        start = time.perf_counter()
-        crossres_main(["fit", "--config", str(config), "--trainer.default_root_dir", str(work)])
-        seconds = time.perf_counter() - start
-        exported = work / "student.pt"
-        if not exported.is_file():
-            raise RuntimeError(f"CR training finished without writing {exported}")
-        digest = sha256_file(exported)
-        os.replace(exported, target)
-        record = {
-            "model": "dlib_resnet29",
-            "weights": target.name,
-            "sha256": digest,
-            "recipe": recipe,
-            "train_seconds": round(seconds, 1),
-            "torch": torch.__version__,
-        }
-        target.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    log(f"CR dlib weights: {target} (sha256 {digest[:16]}..., {seconds:.0f} s)")
-    return target

@@ -24,10 +24,10 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from crossres.datamodules.gallery import compute_templates
 from crossres.metrics.scoring import search
 from crossres.models.base import FaceModel, GalleryClassifier
 from crossres.models.registry import build_model
+from crossres.models.templates import compute_templates
 from crossres.store import CLEAN, ResultRow
 from crossres.types import FaceBatch, Gallery
 

@@ -14,6 +14,10 @@ iff its top-1 score is >= T, and a mated search is a miss iff its mate ranks bey
 scores < T. ``update`` accepts the score matrix of a batch, a ``ProbeSummary`` or a
 ``scoring.SearchResult`` (chunked search of a huge gallery).
 
+Verification records: one per comparison pair, keyed by (sample id of the probe, column of
+the pair in the probe's row), so a probe repeated by the sampler repeats its keys and all of
+its pairs are dropped together.
+
 Caveat: a process that never calls ``update`` contributes an empty float state (torchmetrics'
 convention), which cannot be gathered with the int64 states of the others; every process
 should see at least one batch, as with DistributedSampler.
@@ -29,10 +33,20 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from crossres.metrics import functional as MF
+from crossres.metrics import verification as MV
 from crossres.metrics.functional import DetCurve, ProbeSummary
 from crossres.metrics.scoring import SearchResult
+from crossres.metrics.verification import Roc
 
-__all__ = ["CMC", "DETCurve", "AttackSuccessRate", "FPIRAtFNIR", "HitRate"]
+__all__ = [
+    "CMC",
+    "DETCurve",
+    "AttackSuccessRate",
+    "FPIRAtFNIR",
+    "HitRate",
+    "TARAtFAR",
+    "VerificationROC",
+]
 
 
 def _first_occurrence(sample_id: Tensor) -> Tensor:
@@ -218,3 +232,85 @@ class DETCurve(_Identification):
 
     def compute(self) -> DetCurve:
         return MF.det_curve_from_summary(*self._open_set(), rank=self.rank)
+
+
+def _first_pairs(sample_id: Tensor, column: Tensor) -> Tensor:
+    """Positions of the first record of each (sample id, column) key."""
+    by_col = torch.sort(column, stable=True).indices
+    order = by_col[torch.sort(sample_id[by_col], stable=True).indices]  # by (id, column)
+    sid, col = sample_id[order], column[order]
+    first = torch.ones_like(sid, dtype=torch.bool)
+    first[1:] = (sid[1:] != sid[:-1]) | (col[1:] != col[:-1])
+    return order[first]
+
+
+class _Verification(Metric):
+    """Keeps every genuine and impostor comparison score, keyed by (sample id, column)."""
+
+    is_differentiable = False
+    full_state_update = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        for kind in ("genuine", "impostor"):
+            for name in ("sample_id", "column", "score"):
+                self.add_state(f"{kind}_{name}", default=[], dist_reduce_fx="cat")
+
+    def update(self, genuine: Tensor | None, impostor: Tensor | None, sample_id: Tensor) -> None:
+        """``genuine`` and ``impostor``: scores [B] (one pair per probe) or [B, K] (K pairs per
+        probe, K may differ between the two and may be 0), or None (no such pair in this
+        batch); ``sample_id`` [B]: the probe of each row."""
+        if genuine is None and impostor is None:
+            raise ValueError("give genuine or impostor scores (or both)")
+        n = (genuine if genuine is not None else impostor).shape[0]
+        sid = _check_sample_id(sample_id, n)
+        for kind, scores in (("genuine", genuine), ("impostor", impostor)):
+            if scores is None:
+                ref = genuine if genuine is not None else impostor
+                scores = ref.new_empty((n, 0))
+            if not isinstance(scores, Tensor) or scores.ndim not in (1, 2) or scores.shape[0] != n:
+                shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores)
+                raise ValueError(
+                    f"{kind} must be [B] or [B, K] scores with B = {n} (one row per sample_id), "
+                    f"got {shape}"
+                )
+            if not scores.is_floating_point():
+                raise ValueError(
+                    f"{kind} must be floating point (similarities), got {scores.dtype}"
+                )
+            rows = scores.reshape(n, -1)
+            k = rows.shape[1]
+            getattr(self, f"{kind}_sample_id").append(sid.repeat_interleave(k))
+            getattr(self, f"{kind}_column").append(torch.arange(k, device=sid.device).repeat(n))
+            getattr(self, f"{kind}_score").append(rows.reshape(-1))
+
+    def _scores(self, kind: str) -> Tensor:
+        sid = getattr(self, f"{kind}_sample_id")
+        if isinstance(sid, list) and not sid:
+            raise ValueError(f"{type(self).__name__}.compute called before any update")
+        sid = dim_zero_cat(sid)
+        keep = _first_pairs(sid, dim_zero_cat(getattr(self, f"{kind}_column")))
+        return dim_zero_cat(getattr(self, f"{kind}_score"))[keep]
+
+
+class VerificationROC(_Verification):
+    """Verification ROC (FAR, TAR, thresholds) over every accumulated pair, as
+    ``verification.verification_roc``."""
+
+    def compute(self) -> Roc:
+        return MV.verification_roc(self._scores("genuine"), self._scores("impostor"))
+
+
+class TARAtFAR(_Verification):
+    """TAR at the smallest threshold with FAR <= ``far`` (0-d float64), as
+    ``verification.tar_at_far``."""
+
+    higher_is_better = True
+
+    def __init__(self, far: float = 1e-3, **kwargs: Any) -> None:
+        MV._check_far(far)
+        super().__init__(**kwargs)
+        self.far = float(far)
+
+    def compute(self) -> Tensor:
+        return MV.tar_at_far(self._scores("genuine"), self._scores("impostor"), self.far)

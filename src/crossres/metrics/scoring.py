@@ -175,17 +175,23 @@ def search(
     indices = torch.empty(n_probe, 0, dtype=torch.long, device=device)
     mate_score = p.new_full((n_probe,), -math.inf)
     starts = _chunks(n_gallery, chunk_size)
-    for start in starts:
+    # NaN found per chunk, checked once after the walk (no host synchronisation per chunk)
+    nan_in_chunk = torch.zeros(len(starts), dtype=torch.bool, device=device)
+    for c, start in enumerate(starts):
         s = _scores(p, templates[start : start + chunk_size], metric, p_sq)
-        rows = torch.nonzero((mate_row >= start) & (mate_row < start + s.shape[1])).flatten()
-        mate_score[rows] = s[rows, mate_row[rows] - start]
+        # the mate's column where it falls in this chunk, else anything (masked below)
+        col = (mate_row - start).clamp(0, s.shape[1] - 1)
+        here = (mate_row >= start) & (mate_row < start + s.shape[1])
+        mate_score = torch.where(here, s.gather(1, col[:, None]).squeeze(1), mate_score)
         v, i = s.topk(min(keep, s.shape[1]), dim=1)
-        if torch.isnan(v[:, 0]).any():  # topk ranks NaN above everything
-            raise ValueError(
-                f"NaN scores against gallery rows {start}..{start + s.shape[1] - 1}; "
-                "check the features for NaN or inf"
-            )
+        nan_in_chunk[c] = torch.isnan(v[:, 0]).any()  # topk ranks NaN above everything
         values, indices = _merge(values, indices, v, i + start, keep)
+    if nan_in_chunk.any():
+        start = starts[int(torch.nonzero(nan_in_chunk)[0, 0])]
+        end = min(start + chunk_size, n_gallery) - 1
+        raise ValueError(
+            f"NaN scores against gallery rows {start}..{end}; check the features for NaN or inf"
+        )
     # rank is certain when every gallery score >= the mate is in the running list: the mate
     # scores above the list's last value, or the list holds the whole gallery
     complete = values.shape[1] == n_gallery
