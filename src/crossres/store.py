@@ -118,7 +118,9 @@ class ResultStore:
 
 
 class StoreWriter:
-    """One process's writer: a batch of rows is one transaction (all or nothing)."""
+    """One process's writer: a batch of rows is one transaction (all or nothing). A key
+    already in the file is kept (a batch redone after a crash); attack names are unique per
+    run (``AttackCallback`` refuses duplicates at set-up), so no other row is ever dropped."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
