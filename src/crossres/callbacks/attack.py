@@ -16,6 +16,7 @@ import pytorch_lightning as pl
 import torch
 
 from crossres.attacks.base import Attack
+from crossres.phases import mark
 from crossres.store import params_json
 from crossres.types import FaceBatch
 
@@ -89,6 +90,7 @@ class AttackCallback(pl.Callback):
             self.attack_target(pl_module, label, target, sub, clean_top1)
 
     def attack_target(self, pl_module, label, target, batch: FaceBatch, clean_top1) -> None:
+        mark("craft")
         start = time.perf_counter()
         images, identities = batch.images, batch.identity
         kwargs, targets = {}, None

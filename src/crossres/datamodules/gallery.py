@@ -29,6 +29,7 @@ from crossres.datamodules.base import OpenSetSplit, distributed_info, warn_skipp
 from crossres.datamodules.manifest import model_hash, state_hash
 from crossres.models.base import FaceModel
 from crossres.paths import cache_dir
+from crossres.phases import mark
 from crossres.types import Gallery
 
 TemplateNorm = Literal["none", "before", "after", "both"]
@@ -189,6 +190,7 @@ def compute_templates(
             skipped = [tuple(s) for s in state["skipped"]]
             feature_dim = sums.shape[1]
 
+    mark("templates")
     mine = list(range(rank, len(dataset), world))
     loader = DataLoader(
         Subset(dataset, mine[done:]),

@@ -50,6 +50,7 @@ from torch import nn
 from crossres.models.base import FaceModel, PretrainedConfig
 from crossres.models.registry import register_model
 from crossres.paths import cache_dir, sha256_file
+from crossres.phases import mark
 
 DLIB_MODEL_FILE = "dlib_face_recognition_resnet_model_v1.dat"
 
@@ -595,6 +596,7 @@ def converted_dlib_weights(
         if _check_state(state, reference):
             return state, sha
         warnings.warn(f"rebuilding the corrupt converted-weights cache {target}", stacklevel=2)
+    mark("convert")
     net = read_dlib_net(path)
     if not np.allclose(net.input_mean_rgb, DLIB_MEAN_RGB, rtol=0, atol=1e-4) or net.input_size != (
         DLIB_CHIP_SIZE,
