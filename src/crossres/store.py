@@ -16,6 +16,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from crossres.phases import mark
+
 CLEAN = "clean"  # the attack name of the rows that score the unattacked queries
 
 
@@ -134,6 +136,7 @@ class StoreWriter:
         values = [_row_to_sql(r) for r in rows]
         if not values:
             return 0
+        mark("store")
         marks = ", ".join("?" for _ in _COLUMNS)
         with self.con:  # one transaction
             cur = self.con.executemany(

@@ -29,6 +29,7 @@ from crossres.attacks.base import Attack
 from crossres.callbacks.store import ResultStoreCallback, find_writer, subset, target_outputs
 from crossres.errors import CrossresError
 from crossres.lightning_modules.frozen_target import TargetOutput
+from crossres.phases import mark
 from crossres.store import CLEAN, params_json
 from crossres.types import FaceBatch
 
@@ -124,6 +125,7 @@ class AttackCallback(pl.Callback):
 
     def attack_target(self, clean: TargetOutput, batch: FaceBatch) -> None:
         """Craft, score and write the rows of ``batch`` on ``clean.target``."""
+        mark("craft")
         start = time.perf_counter()
         target = clean.target
         images, identities = batch.images, batch.identity

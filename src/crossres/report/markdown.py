@@ -13,6 +13,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from crossres.metrics.plots import plot_cmc, plot_det
+from crossres.phases import mark
 from crossres.report.tables import TARGET_FNIR, Cell, det_curve, group, summarize
 from crossres.store import CLEAN, ResultStore
 
@@ -20,6 +21,7 @@ DR_CLASS = "DeepRepresentation"
 
 
 def write_report(run_dir: str | Path) -> Path:
+    mark("report")
     run_dir = Path(run_dir)
     rows = ResultStore(run_dir).rows()
     cells = summarize(rows)
