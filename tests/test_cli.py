@@ -106,12 +106,15 @@ def csv_logger(save_dir: Path) -> list[str]:
 
 def logged_metrics(save_dir: Path) -> dict[str, float]:
     """The last value logged under every name (the metric callback logs its final, global
-    values after the running ones)."""
+    values after the running ones), checking that running values were logged before it."""
     (path,) = save_dir.rglob("metrics.csv")
     out: dict[str, float] = {}
+    steps: set[str] = set()
     with path.open() as f:
         for row in csv.DictReader(f):
             out.update({k: float(v) for k, v in row.items() if v != "" and k != "step"})
+            steps.add(row["step"])
+    assert len(steps) >= 2, "only the final values were logged, no running ones"
     return out
 
 
@@ -323,3 +326,37 @@ def test_rewritten_weight_file_is_refused(tmp_path, capsys):
     assert "'tiny' weights" in err and str(weights) in err and len(err.strip().splitlines()) == 1
     assert [repr(r) for r in ResultStore(run_dir).rows()] == before
     assert json.loads((run_dir / "run.json").read_text())["weights"] == record["weights"]
+
+
+def test_second_run_on_a_busy_run_directory_is_refused_at_once(reference, tmp_path):
+    """One run directory, one run: while a first ``crossres test`` holds it, a second one
+    stops at once with one line naming the holder; after the first is SIGKILLed (its lock
+    is the kernel's to drop), the same command resumes."""
+    config, _ = reference
+    run_dir = tmp_path / "busy"
+    first = subprocess.Popen(
+        cli_command(config, run_dir),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (run_dir / "run.json").exists():
+            time.sleep(0.1)
+        assert (run_dir / "run.json").exists(), "the first run never claimed its directory"
+        start = time.time()
+        second = subprocess.run(
+            cli_command(config, run_dir), capture_output=True, text=True, timeout=120
+        )
+        refused_after = time.time() - start
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert second.returncode == 2
+    err = [line for line in second.stderr.splitlines() if line.startswith("crossres:")]
+    assert "Traceback" not in second.stderr
+    assert len(err) == 1 and "in use by process" in err[0] and str(first.pid) in err[0]
+    assert refused_after < 60  # refused before any model or data was touched (start-up only)
+    assert run_cli(config, run_dir) == 0  # the killed holder left no stuck lock
+    assert len(ResultStore(run_dir).rows()) == N_ROWS

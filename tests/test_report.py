@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 from crossres.metrics import (
     bootstrap_fpir_at_fnir_interval,
@@ -237,3 +238,27 @@ def test_wandb_payload_carries_every_interval_and_the_findings(tmp_path):
     assert [row[2] for row in payload["report/findings"].data] == [
         "undecided at this n"
     ] * 3  # one target, 4 queries: nothing can be decided
+
+
+def test_wandb_payload_holds_rows_figures_and_example_pairs(tmp_path):
+    wandb = pytest.importorskip("wandb")
+    from crossres.report.wandb import example_grid, run_payload
+
+    ResultStore(tmp_path).writer(0).write(make_rows())
+    write_report(tmp_path)
+    figures = sorted((tmp_path / "figures").glob("*.png"))
+    clean = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    adv = (clean + 0.01 * torch.arange(5).view(-1, 1, 1, 1)).clamp(0, 1)
+    payload = run_payload(
+        ResultStore(tmp_path).rows(), figures=figures, examples={("base", "CW"): (clean, adv)}
+    )
+    assert len(payload["results"].data) == len(make_rows())
+    assert {f"figures/{p.stem}" for p in figures} <= payload.keys()
+    assert len(payload["examples/base/CW"]) == 4 and isinstance(
+        payload["examples/base/CW"][0], wandb.Image
+    )
+    grid = example_grid(clean, adv)  # clean | adversarial | perturbation scaled to 1
+    assert grid.shape == (5, 3, 8, 24)
+    assert torch.equal(grid[..., :8], clean) and torch.equal(grid[..., 8:16], adv)
+    assert torch.all(grid[1:, :, :, 16:].flatten(1).amax(1) == 1.0)
+    assert torch.all(grid[0, :, :, 16:] == 0)  # no perturbation: nothing to scale

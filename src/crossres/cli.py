@@ -27,8 +27,13 @@ from crossres.callbacks.store import ResultStoreCallback, run_directory
 from crossres.datamodules.query_selection import manifest_reader, prepare_queries
 from crossres.errors import CrossresError
 from crossres.lightning_modules import CrossResolutionDistillation, FrozenTarget
+from crossres.locks import RunDirLock
 from crossres.models.base import FaceModel
 from crossres.run_dir import claim_run_dir
+
+# Run-directory locks taken by this process's commands, released when the command ends (in
+# tests several commands run in one process one after the other).
+_RUN_LOCKS: list[RunDirLock] = []
 
 # Configuration keys that decide a run's results: a change in any of them is a new run.
 RESULT_KEYS = ("model", "data", "seed_everything")
@@ -63,6 +68,9 @@ class CrossresCLI(LightningCLI):
             if is_wandb and str(lg.init_args.get("save_dir", ".")) == ".":
                 lg.init_args["save_dir"] = str(root)
         if self.subcommand == "test" and _is_launch_process():
+            # held until this process ends (the kernel drops it even on SIGKILL): a second
+            # run on the same directory is refused at once instead of mixing its rows in
+            _RUN_LOCKS.append(RunDirLock(root).acquire())
             claim_run_dir(root, config=result_config(cfg))
 
     # Query selection is its own step, run before the loop when the manifest is missing (the
@@ -113,16 +121,20 @@ def resize_shortest(model: pl.LightningModule) -> int | None:
 
 
 def run_lightning(argv: list[str] | None) -> None:
-    CrossresCLI(
-        pl.LightningModule,
-        pl.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        trainer_defaults={"inference_mode": False},
-        save_config_kwargs={"overwrite": True},
-        seed_everything_default=0,
-        args=argv,
-    )
+    try:
+        CrossresCLI(
+            pl.LightningModule,
+            pl.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            trainer_defaults={"inference_mode": False},
+            save_config_kwargs={"overwrite": True},
+            seed_everything_default=0,
+            args=argv,
+        )
+    finally:
+        while _RUN_LOCKS:
+            _RUN_LOCKS.pop().release()
 
 
 def report_main(argv: list[str]) -> int:

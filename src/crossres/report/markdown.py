@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from crossres.metrics.plots import RatePoint, plot_cmc, plot_det, plot_rate_curves
+from crossres.phases import mark
 from crossres.report.comparisons import base_and_cr, paired_table
 from crossres.report.findings import ALPHA, Finding, findings
 from crossres.report.tables import (
@@ -57,6 +58,7 @@ class Context:
 
 
 def write_report(run_dir: str | Path) -> Path:
+    mark("report")
     run_dir = Path(run_dir)
     rows = ResultStore(run_dir).rows()
     fig_dir = run_dir / "figures"

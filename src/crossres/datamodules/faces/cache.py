@@ -28,6 +28,7 @@ from crossres.datamodules.faces.record import (
 from crossres.datamodules.faces.registry import Unreachable, download_archive
 from crossres.io import atomic_write_bytes, sha256_bytes, sha256_file
 from crossres.paths import cache_dir
+from crossres.phases import mark
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -98,6 +99,7 @@ def _ensure_source(rec: ArchiveRecord, root: Path, log, warn) -> None:
             todo[p.member] = p
     if not todo:
         return
+    mark("fetch")
     archive = root / "archives" / rec.filename
     if archive.exists():
         got = sha256_file(archive)
