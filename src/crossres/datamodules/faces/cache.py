@@ -45,6 +45,7 @@ from crossres.io import (
     verify_file,
 )
 from crossres.paths import cache_dir
+from crossres.phases import mark
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -116,6 +117,7 @@ def _ensure_source(rec: ArchiveRecord, root: Path, log, warn) -> None:
             todo[p.member] = p
     if not todo:
         return
+    mark("fetch")
     archive = root / "archives" / rec.filename
     if archive.exists():
         got = sha256_file(archive)
