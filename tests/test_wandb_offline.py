@@ -179,6 +179,10 @@ def test_offline_run_holds_table_metrics_figures_and_examples(tmp_path):
     metrics = {k: v for k, v in logged.items() if METRIC_KEY.match(k)}
     assert metrics.keys() == expected.keys()
     assert metrics == pytest.approx(expected, rel=1e-12, abs=0)
+    # the report's numbers with their intervals (run_payload's ci/ keys) say the same (the
+    # clean rows have no perturbation, so no mean_l2 interval)
+    with_ci = {k: v for k, v in expected.items() if not re.match(r"[^/]+/clean/.*mean_l2$", k)}
+    assert {k: logged[f"ci/{k}"] for k in with_ci} == pytest.approx(with_ci, rel=1e-12, abs=0)
     for attack in ("CW-L2 (1-4)", "DR (8-4)"):
         assert {f"tiny/{attack}/r{r}/success_rate" for r in (8, 0)} <= metrics.keys()
 
