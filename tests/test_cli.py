@@ -340,7 +340,7 @@ def test_second_run_on_a_busy_run_directory_is_refused_at_once(reference, tmp_pa
             sys.executable,
             "-c",
             "import sys, time; from crossres.locks import RunDirLock; "
-            "RunDirLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)",
+            "lock = RunDirLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)",
             str(run_dir),
         ],
         stdout=subprocess.PIPE,
