@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 
 from crossres.metrics.plots import plot_cmc, plot_det
 from crossres.report.tables import TARGET_FNIR, Cell, det_curve, group, summarize
+from crossres.report.threats import threat_sections
 from crossres.store import CLEAN, ResultStore
 
 DR_CLASS = "DeepRepresentation"
@@ -42,6 +43,7 @@ def write_report(run_dir: str | Path) -> Path:
         )
         lines += dr_figures(cells, fig_dir)
         lines += identification_figures(rows, cells, fig_dir)
+        lines += threat_sections(rows, fig_dir)
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
