@@ -7,6 +7,8 @@ crossres gallery --config FILE                   build (and cache) the gallery t
 crossres select-queries --config FILE            select the queries, write their manifest
 crossres fetch-faces                             fetch the embedded real faces into the cache
 crossres prepare [--force]                       fetch the faces, train the default's CR weights
+crossres transfer RUN_DIR --target LABEL|MODEL [--weights W] [--resolution R]
+                                                 evaluate a run's stored adversarials elsewhere
 
 A ``CrossresError`` (bad input, a missing prepared artefact) ends the command with one line
 ``crossres: <message>`` on stderr and status 2; anything else is a bug and keeps its traceback.
@@ -234,12 +236,78 @@ def prepare_main(argv: list[str]) -> int:
     return main(argv, fit=run_lightning)  # the runner goes in: prepare never imports the CLI
 
 
+def transfer_main(argv: list[str]) -> int:
+    """Evaluate the stored adversarials of a run on another target (a label of the run or a
+    registry model) and/or at another resolution; rows go into the run's store, then the
+    report is rewritten (see ``crossres.transfer``)."""
+    import argparse
+
+    import torch
+
+    from crossres.lightning_modules.frozen_target import TargetSpec
+    from crossres.models.registry import list_models
+    from crossres.report.markdown import write_report
+    from crossres.transfer import transfer
+
+    p = argparse.ArgumentParser(prog="crossres transfer", description=transfer_main.__doc__)
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--target", required=True, help="a target label of the run or a model name")
+    p.add_argument("--weights", default=None, help="weight file of a registry model")
+    p.add_argument("--resolution", type=int, default=None, help="evaluate at this resolution")
+    p.add_argument("--source", action="append", default=None, help="source target label(s)")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    config = args.run_dir / "config.yaml"
+    if not config.is_file():
+        raise CrossresError(f"{args.run_dir} has no config.yaml (not a `crossres test` run?)")
+    if args.resolution is not None and args.resolution < 0:
+        raise CrossresError(f"--resolution must be >= 0 (0 = original), got {args.resolution}")
+    import tempfile
+
+    import yaml
+
+    # the configuration's sections, without the arguments of `test` itself (ckpt_path, ...)
+    sections = ("seed_everything", "trainer", "model", "data", "store", "metrics", "report")
+    saved = {k: v for k, v in yaml.safe_load(config.read_text()).items() if k in sections}
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = Path(tmp) / "config.yaml"
+        plain.write_text(yaml.safe_dump(saved))
+        cli = configured_cli(["--config", str(plain), "--trainer.logger=false"])
+    frozen, dm = cli.model, cli.datamodule
+    if not isinstance(frozen, FrozenTarget):
+        raise CrossresError(f"{config} is no benchmark run (its model is not a FrozenTarget)")
+    labels = [s.label for s in frozen.specs]
+    if args.target not in labels:
+        known = args.target.startswith("timm/") or args.target in list_models()
+        if not known:
+            raise CrossresError(
+                f"--target {args.target!r} is neither a target of the run {labels} nor a "
+                f"registry model name ({', '.join(list_models())}, or timm/<name>)"
+            )
+        frozen = FrozenTarget(
+            [TargetSpec(name=args.target, label=args.target, weights=args.weights)],
+            similarity=frozen.similarity,
+            gallery_normalize=frozen.gallery_normalize,
+            logit_scale=frozen.logit_scale,
+        )
+        dm.configure_for(frozen.input_config())
+    dm.setup("test")
+    frozen.to(torch.device(args.device))
+    frozen.build_targets(dm)
+    target = frozen.targets[args.target].to(torch.device(args.device))
+    n = transfer(args.run_dir, dm, target, resolution=args.resolution, sources=args.source)
+    print(f"crossres transfer: {n} rows written to {args.run_dir}")
+    print(f"wrote {write_report(args.run_dir)}")
+    return 0
+
+
 TOOLS = {
     "report": report_main,
     "fetch-faces": fetch_faces_main,
     "gallery": gallery_main,
     "select-queries": select_queries_main,
     "prepare": prepare_main,
+    "transfer": transfer_main,
 }
 
 

@@ -30,6 +30,12 @@ class ResultRow:
     Open-set columns, against the gallery without the non-mated identities: ``open_mated``
     (the identity is enrolled there), ``open_mate_rank``/``open_mate_score`` (mated only) and
     ``open_top_score`` (highest score of any template).
+    ``space``: where the attack worked, "model_input" (the paper's) or "low_resolution" (the
+    capture before upsampling); its norms are measured there. ``target_score`` /
+    ``clean_target_score``: score of the attacked / clean probe against the closed-set template
+    of ``target`` (the impersonation target), NaN without a target: the impostor pairs of the
+    verification (1:1) tables. Files written before these columns existed read as
+    "model_input" and NaN.
     """
 
     model: str
@@ -55,6 +61,9 @@ class ResultRow:
     open_top_score: float = float("nan")
     seconds: float = 0.0
     path: str = ""
+    space: str = "model_input"
+    target_score: float = float("nan")
+    clean_target_score: float = float("nan")
 
     @property
     def key(self) -> tuple[str, str, int, int]:
@@ -63,19 +72,31 @@ class ResultRow:
 
 _COLUMNS = [f.name for f in fields(ResultRow)]
 _KEY = ("model", "attack", "sample_id", "resolution")
+_SCORES = (
+    "mate_score",
+    "best_nonmate_score",
+    "open_mate_score",
+    "open_top_score",
+    "target_score",
+    "clean_target_score",
+)
+_DEFAULTS = {f.name: f.default for f in fields(ResultRow)}
+
+
+def _sql_type(f) -> str:
+    base = f.type.split("|")[0].strip() if isinstance(f.type, str) else f.type
+    return {"str": "TEXT", "int": "INTEGER", "float": "REAL", "bool": "INTEGER"}.get(base, "TEXT")
 
 
 def _schema() -> str:
-    cols = []
-    for f in fields(ResultRow):
-        base = f.type.split("|")[0].strip() if isinstance(f.type, str) else f.type
-        sql = {"str": "TEXT", "int": "INTEGER", "float": "REAL", "bool": "INTEGER"}.get(
-            base, "TEXT"
-        )
-        cols.append(f"{f.name} {sql}")
+    cols = [f"{f.name} {_sql_type(f)}" for f in fields(ResultRow)]
     return (
         f"CREATE TABLE IF NOT EXISTS results ({', '.join(cols)}, PRIMARY KEY ({', '.join(_KEY)}))"
     )
+
+
+def _file_columns(con: sqlite3.Connection) -> set[str]:
+    return {r[1] for r in con.execute("PRAGMA table_info(results)")}
 
 
 class ResultStore:
@@ -100,7 +121,10 @@ class ResultStore:
                     "SELECT 1 FROM sqlite_master WHERE type='table' AND name='results'"
                 ).fetchone():
                     continue
-                yield from con.execute(f"SELECT {', '.join(columns)} FROM results")
+                have = _file_columns(con)
+                # a file from before a column existed: NULL there (the row's default on read)
+                wanted = [c if c in have else f"NULL AS {c}" for c in columns]
+                yield from con.execute(f"SELECT {', '.join(wanted)} FROM results")
             except sqlite3.DatabaseError as err:
                 raise sqlite3.DatabaseError(f"result file {path} is unreadable: {err}") from err
             finally:
@@ -130,6 +154,10 @@ class StoreWriter:
         self.con.execute("PRAGMA journal_mode=WAL")
         self.con.execute("PRAGMA synchronous=NORMAL")
         self.con.execute(_schema())
+        have = _file_columns(self.con)
+        for f in fields(ResultRow):  # a resumed file from before a column existed
+            if f.name not in have:
+                self.con.execute(f"ALTER TABLE results ADD COLUMN {f.name} {_sql_type(f)}")
         self.con.commit()
 
     def write(self, rows: Iterable[ResultRow]) -> int:
@@ -161,9 +189,11 @@ def _row_from_sql(values: Sequence) -> ResultRow:
     for name in ("success", "open_mated"):
         if d[name] is not None:
             d[name] = bool(d[name])
-    for name in ("mate_score", "best_nonmate_score", "open_mate_score", "open_top_score"):
+    for name in _SCORES:
         if d[name] is None:  # SQLite stores NaN as NULL
             d[name] = float("nan")
+    if d["space"] is None:
+        d["space"] = _DEFAULTS["space"]
     return ResultRow(**d)
 
 

@@ -41,6 +41,7 @@ from crossres.report.tables import (
     summarize,
     wilson,
 )
+from crossres.report.threats import threat_sections
 from crossres.store import CLEAN, ResultRow, ResultStore
 
 DR_CLASS = "DeepRepresentation"
@@ -489,6 +490,11 @@ def finding_lines(f: Finding) -> list[str]:
     return out + ["", "</details>", ""]
 
 
+def threats_section(ctx: Context) -> list[str]:
+    """Threat models beyond the paper: the low-resolution space, transfer, verification."""
+    return threat_sections(ctx.rows, ctx.fig_dir)
+
+
 SECTIONS: list[Callable[[Context], list[str]]] = [
     run_facts,
     classifier_section,
@@ -496,7 +502,8 @@ SECTIONS: list[Callable[[Context], list[str]]] = [
     base_vs_cr_section,
     dr_figures,
     identification_figures,
-    # new sections go here (e.g. report.threats); the findings stay last
+    threats_section,
+    # new sections go here; the findings stay last
     findings_section,
 ]
 
