@@ -116,7 +116,7 @@ def main() -> None:
     )
     print(
         f"head training: {head_seconds:.1f} s = gallery features {rec['feature_seconds']:.1f} s "
-        f"+ L-BFGS fit {rec['fit_seconds']:.1f} s ({rec['n_iter']} iterations, max |grad| "
+        f"+ L-BFGS fit {rec['fit_seconds']:.1f} s (CPU {rec['fit_cpu_seconds']:.1f} s, {rec['n_iter']} iterations, max |grad| "
         f"{rec['grad_max']:.1e}, l2 {rec['l2']:.3g}); templates alone: {template_seconds:.1f} s"
     )
     print(f"head training accuracy (gallery photos): {100 * rec['train_accuracy']:.1f}%")

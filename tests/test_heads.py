@@ -3,12 +3,15 @@ contract, the query firewall, the cache, and the accuracy count against brute fo
 
 from __future__ import annotations
 
+import socket
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.optimize
 import torch
+import torch.multiprocessing as mp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -380,3 +383,45 @@ def test_queries_without_a_class_are_left_out_of_n():
     assert acc == brute_force_accuracy(head, dm, ids)
     pred = head_predictions(head, dm.test_dataloader())
     assert torch.isin(pred["predicted"], ids).all()
+
+
+# ---------------------------------------------------------------------------- DDP
+
+
+def _ddp_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        dm = datamodule()
+        # each rank's backbone differs: only rank 0's may shape the head every rank attacks
+        model = ConvEmbedder(seed=rank)
+        head = train_head(
+            model, dm.gallery_dataloader(), query_ids=dm.query_table.sample_id, cache=False
+        )
+        torch.save(
+            {"weight": head.head.weight, "bias": head.head.bias, "calls": model.calls},
+            Path(out) / f"rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_under_ddp_rank_zero_trains_and_every_rank_gets_its_head(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["calls"] > 0 and r1["calls"] == 0
+    assert torch.equal(r0["weight"], r1["weight"]) and torch.equal(r0["bias"], r1["bias"])
+    dm = datamodule()
+    alone = train_head(
+        ConvEmbedder(seed=0),
+        dm.gallery_dataloader(),
+        query_ids=dm.query_table.sample_id,
+        cache=False,
+    )
+    assert torch.equal(alone.head.weight, r0["weight"])
