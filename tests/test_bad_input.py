@@ -21,8 +21,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from torch._utils import ExceptionWrapper  # what DataLoader workers send their errors in
 
-from crossres.cli import main
+from crossres.cli import _crossres_error, _one_line, main
+from crossres.datamodules.base import CorruptImageError
 from crossres.datamodules.manifest import QueryManifest, model_hash
 from crossres.datamodules.query_selection import select_queries
 from crossres.datamodules.vggface2 import VGGFace2DataModule
@@ -264,6 +266,20 @@ def test_corrupt_jpeg_mid_run_stops_naming_it_and_keeps_the_finished_rows(tmp_pa
     resumed = ResultStore(tmp_path / "run").rows()
     assert len(resumed) == 4 * 2 * 2  # queries x resolutions x (clean + DR)
     assert {repr(r) for r in rows} <= {repr(r) for r in resumed}
+
+
+def test_error_from_a_loader_worker_is_its_own_line_not_the_worker_traceback():
+    """With ``num_workers > 0`` PyTorch re-raises the worker's error with the worker's
+    traceback as its message: the CLI prints the error's own line."""
+    try:
+        raise CorruptImageError("cannot read image /data/x.jpg: OSError: Truncated File Read")
+    except CorruptImageError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(CorruptImageError) as err:
+        wrapped.reraise()
+    assert "Traceback" in str(err.value)  # what PyTorch hands over
+    line = _one_line(_crossres_error(err.value))
+    assert line == "cannot read image /data/x.jpg: OSError: Truncated File Read"
 
 
 # ------------------------------------------------------------------ disk full mid-run

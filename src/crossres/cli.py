@@ -8,8 +8,9 @@ crossres select-queries --config FILE            select the queries, write their
 crossres fetch-faces                             fetch the embedded real faces into the cache
 crossres prepare [--force]                       fetch the faces, train the default's CR weights
 
-A ``CrossresError`` (bad input, a missing prepared artefact) ends the command with one line
-``crossres: <message>`` on stderr and status 2; anything else is a bug and keeps its traceback.
+A ``CrossresError`` (bad input, a missing prepared artefact) or a configuration jsonargparse
+cannot parse ends the command with one line ``crossres: <message>`` on stderr and status 2
+(README "When something is wrong"); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -327,7 +328,12 @@ def _config_files(args: Sequence[str]) -> list[str]:
 
 
 def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())
+    text = str(e)
+    # re-raised from a DataLoader worker: the worker's traceback, then the error itself
+    own = f"{type(e).__module__}.{type(e).__qualname__}: "
+    if "Original Traceback" in text and own in text:
+        text = text.rsplit(own, 1)[1]
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":
