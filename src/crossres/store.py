@@ -16,6 +16,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from crossres.phases import mark
+
 CLEAN = "clean"  # the attack name of the rows that score the unattacked queries
 
 
@@ -118,7 +120,9 @@ class ResultStore:
 
 
 class StoreWriter:
-    """One process's writer: a batch of rows is one transaction (all or nothing)."""
+    """One process's writer: a batch of rows is one transaction (all or nothing). A key
+    already in the file is kept (a batch redone after a crash); attack names are unique per
+    run (``AttackCallback`` refuses duplicates at set-up), so no other row is ever dropped."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -132,6 +136,7 @@ class StoreWriter:
         values = [_row_to_sql(r) for r in rows]
         if not values:
             return 0
+        mark("store")
         marks = ", ".join("?" for _ in _COLUMNS)
         with self.con:  # one transaction
             cur = self.con.executemany(

@@ -29,6 +29,7 @@ from crossres.attacks.base import Attack
 from crossres.callbacks.store import ResultStoreCallback, find_writer, subset, target_outputs
 from crossres.errors import CrossresError
 from crossres.lightning_modules.frozen_target import TargetOutput
+from crossres.phases import mark
 from crossres.store import CLEAN, params_json
 from crossres.types import FaceBatch
 
@@ -41,9 +42,13 @@ class AttackCallback(pl.Callback):
         and its parameters.
     objective: what the attack pursues (see module docstring).
     models: labels of the targets to attack (None: all).
-    keep_examples: how many clean/adversarial pairs per target to keep in ``examples`` (the
-        report callback logs them to W&B).
+
+    ``examples`` keeps the first ``n_examples`` clean/adversarial pairs per target (the report
+    callback logs them to W&B). Not a constructor knob: every init argument is part of the
+    configuration hash of the run directory, and this one does not change the results.
     """
+
+    n_examples = 4
 
     def __init__(
         self,
@@ -53,7 +58,6 @@ class AttackCallback(pl.Callback):
         objective: Objective = "untargeted",
         seed: int = 0,
         models: list[str] | None = None,
-        keep_examples: int = 4,
     ) -> None:
         if not isinstance(attack, Attack):
             raise TypeError(f"attack must be a crossres Attack, got {type(attack).__name__}")
@@ -75,9 +79,6 @@ class AttackCallback(pl.Callback):
             **attack_params(attack),
         }
         self.name = name or f"{type(attack).__name__} {params_json(attack_params(attack))}"
-        if keep_examples < 0:
-            raise ValueError(f"keep_examples must be >= 0, got {keep_examples}")
-        self.n_examples = int(keep_examples)
         self.examples: dict[str, Examples] = {}  # target label -> the first few pairs
         self.writer: ResultStoreCallback | None = None  # the run's, found in setup
 
@@ -124,6 +125,7 @@ class AttackCallback(pl.Callback):
 
     def attack_target(self, clean: TargetOutput, batch: FaceBatch) -> None:
         """Craft, score and write the rows of ``batch`` on ``clean.target``."""
+        mark("craft")
         start = time.perf_counter()
         target = clean.target
         images, identities = batch.images, batch.identity
@@ -163,7 +165,7 @@ class AttackCallback(pl.Callback):
         self.keep_examples(target.label, images, result.adversarial)
 
     def keep_examples(self, label: str, clean: torch.Tensor, adversarial: torch.Tensor) -> None:
-        """Keep the first ``keep_examples`` clean/adversarial pairs per target (for W&B)."""
+        """Keep the first ``n_examples`` clean/adversarial pairs per target (for W&B)."""
         have = self.examples.get(label)
         n = self.n_examples - (0 if have is None else len(have.clean))
         if n <= 0:

@@ -53,7 +53,7 @@ from crossres.datamodules.identity_split import split_identities
 from crossres.datamodules.manifest import QueryManifest, QueryRecord, digest_lines
 from crossres.datamodules.resolution import ResolutionTransform
 from crossres.datamodules.vggface2_crop import vggface2_crop_box
-from crossres.io import sha256_file
+from crossres.io import is_complete, sha256_file
 from crossres.paths import cache_dir
 
 __all__ = ["IMAGE_SUFFIXES", "FolderFacesDataModule", "FolderFacesDataset", "load_face"]
@@ -370,7 +370,8 @@ class FolderFacesDataModule(MultiResolutionDataModule):
         path = cache_dir("manifests") / (
             f"folder-{name}-seed{self.seed}-{self.manifest_hash[:16]}.json"
         )
-        return path if path.is_file() else manifest.save(path)
+        # a damaged cached copy (sidecar check) is rewritten: it is computed above anyway
+        return path if is_complete(path) else manifest.save(path)
 
     def _summary(self) -> str:
         r, q, g = self._report, self._query_table, self._gallery

@@ -31,6 +31,7 @@ from crossres.io import atomic_torch_save, is_complete, sidecar_path, verify_fil
 from crossres.models.base import FaceModel
 from crossres.models.fingerprint import model_hash, state_hash
 from crossres.paths import cache_dir
+from crossres.phases import mark
 from crossres.types import Gallery
 
 __all__ = ["TemplateNorm", "compute_templates", "load_templates", "templates_path"]
@@ -207,6 +208,7 @@ def compute_templates(
             skipped = [tuple(s) for s in state["skipped"]]
             feature_dim = sums.shape[1]
 
+    mark("templates")
     mine = list(range(rank, len(dataset), world))
     loader = DataLoader(
         Subset(dataset, mine[done:]),
