@@ -10,14 +10,18 @@ crossres prepare [--force]                       fetch the faces, train the defa
 crossres transfer RUN_DIR --target LABEL|MODEL [--weights W] [--resolution R]
                                                  evaluate a run's stored adversarials elsewhere
 
-A ``CrossresError`` (bad input, a missing prepared artefact) ends the command with one line
-``crossres: <message>`` on stderr and status 2; anything else is a bug and keeps its traceback.
+A ``CrossresError`` (bad input, a missing prepared artefact) or a configuration jsonargparse
+cannot parse ends the command with one line ``crossres: <message>`` on stderr and status 2
+(README "When something is wrong"); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
+from argparse import ArgumentError
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -122,6 +126,12 @@ def resize_shortest(model: pl.LightningModule) -> int | None:
     return model.input_config().resize_shortest
 
 
+# Parse errors raise (``main`` prints them as one line) instead of jsonargparse's usage dump.
+_RAISE_PARSE_ERRORS = {"exit_on_error": False} | {
+    name: {"exit_on_error": False} for name in ("fit", "validate", "test", "predict")
+}
+
+
 def run_lightning(argv: list[str] | None) -> None:
     try:
         CrossresCLI(
@@ -132,6 +142,7 @@ def run_lightning(argv: list[str] | None) -> None:
             trainer_defaults={"inference_mode": False},
             save_config_kwargs={"overwrite": True},
             seed_everything_default=0,
+            parser_kwargs=_RAISE_PARSE_ERRORS,
             args=argv,
         )
     finally:
@@ -174,6 +185,7 @@ def configured_cli(argv: list[str]) -> CrossresCLI:
         trainer_defaults={"inference_mode": False, "logger": False},
         save_config_callback=None,
         seed_everything_default=0,
+        parser_kwargs=_RAISE_PARSE_ERRORS,
         run=False,
         args=argv,
     )
@@ -317,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         if args and args[0] in TOOLS:
             return TOOLS[args[0]](args[1:])
         run_lightning(argv)  # None: LightningCLI reads sys.argv itself
+    except ArgumentError as e:  # jsonargparse: a bad key or value in the YAML or the flags
+        print(f"crossres: {parse_error_line(str(e), configs=_config_files(args))}", file=sys.stderr)
+        return 2
     except Exception as e:
         user_error = _crossres_error(e)
         if user_error is None:
@@ -339,8 +354,54 @@ def _crossres_error(e: BaseException | None) -> CrossresError | None:
     return None
 
 
+# jsonargparse's nested report: the lines that only frame the error, the ones that name where
+_FRAME = re.compile(
+    r"^ *(Does not validate against any of the Union subtypes|Subtypes:|Errors:)", re.MULTILINE
+)
+_KEY = re.compile(r'^Parser key "([^"]+)":$')
+_CLASS = re.compile(r"^Problem with given class_path '([^']+)':$")
+
+
+def parse_error_line(message: str, *, configs: Sequence[str] = ()) -> str:
+    """jsonargparse's parse error (a tree of every alternative it tried, with the values) as
+    one line: the keys and class down the first branch, and the error found there. A flat
+    message (YAML syntax, a missing file) is kept whole, naming the ``configs`` read."""
+    if not _FRAME.search(message):
+        text = " ".join(message.split())
+        if configs:  # PyYAML reads the text of the file: name the file instead
+            text = text.replace('"<unicode string>"', " + ".join(configs))
+        return f"bad configuration: {text}"
+    keys: list[str] = []
+    cls = ""
+    leaf = ""
+    for raw in message.splitlines():
+        line = raw.strip().removeprefix("- ").strip()
+        if not line or _FRAME.match(line):
+            continue
+        if m := _KEY.match(line):
+            keys.append(m[1])
+        elif m := _CLASS.match(line):
+            cls = m[1]
+        else:
+            leaf = line
+            break
+    where = ".".join(keys) + (f" ({cls})" if cls else "")
+    return f"bad configuration at {where}: {leaf}" if where else f"bad configuration: {leaf}"
+
+
+def _config_files(args: Sequence[str]) -> list[str]:
+    """The ``--config`` files named on the command line."""
+    files = [b for a, b in zip(args, args[1:], strict=False) if a == "--config"]
+    return files + [a.removeprefix("--config=") for a in args if a.startswith("--config=")]
+
+
 def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())
+    text = str(e)
+    # re-raised from a DataLoader worker: the worker's traceback, then the error itself
+    own = f"{type(e).__module__}.{type(e).__qualname__}: "
+    if "Original Traceback" in text and own in text:
+        text = text.rsplit(own, 1)[1]
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

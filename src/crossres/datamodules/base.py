@@ -29,6 +29,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from crossres.datamodules.resolution import ORIGINAL, ResolutionTransform, check_resolutions
+from crossres.errors import CrossresError
 from crossres.models.base import PretrainedConfig
 from crossres.types import FaceBatch
 
@@ -65,7 +66,7 @@ def split_count(n: int, fraction: float) -> int:
     return min(n - 1, max(1, int(math.floor(n * fraction + 0.5))))
 
 
-class CorruptImageError(RuntimeError):
+class CorruptImageError(CrossresError, RuntimeError):
     """An image file could not be read or decoded; the message names the file."""
 
 
