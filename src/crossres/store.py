@@ -16,9 +16,18 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from crossres.errors import CrossresError
 from crossres.phases import mark
 
 CLEAN = "clean"  # the attack name of the rows that score the unattacked queries
+
+
+class CorruptStoreError(CrossresError):
+    """A result file of the run cannot be read."""
+
+
+class StoreWriteError(CrossresError):
+    """A batch of rows could not be written (disk full, file-size limit, I/O error)."""
 
 
 @dataclass
@@ -126,7 +135,13 @@ class ResultStore:
                 wanted = [c if c in have else f"NULL AS {c}" for c in columns]
                 yield from con.execute(f"SELECT {', '.join(wanted)} FROM results")
             except sqlite3.DatabaseError as err:
-                raise sqlite3.DatabaseError(f"result file {path} is unreadable: {err}") from err
+                others = [f for f in self.files() if f != path]
+                raise CorruptStoreError(
+                    f"result file {path} is unreadable ({err}); the run's other "
+                    f"{len(others)} result file(s) are intact. Move it aside (e.g. to "
+                    f"{path.name}.corrupt) and rerun the same command: the rows it held are "
+                    "crafted again, every other stored row is kept."
+                ) from err
             finally:
                 con.close()
 
@@ -166,10 +181,19 @@ class StoreWriter:
             return 0
         mark("store")
         marks = ", ".join("?" for _ in _COLUMNS)
-        with self.con:  # one transaction
-            cur = self.con.executemany(
-                f"INSERT OR IGNORE INTO results ({', '.join(_COLUMNS)}) VALUES ({marks})", values
-            )
+        try:
+            with self.con:  # one transaction: on failure it rolls back, earlier ones stay
+                cur = self.con.executemany(
+                    f"INSERT OR IGNORE INTO results ({', '.join(_COLUMNS)}) VALUES ({marks})",
+                    values,
+                )
+        except (sqlite3.OperationalError, OSError) as err:
+            # SQLite says "database or disk is full" for ENOSPC, "disk I/O error" for EFBIG
+            raise StoreWriteError(
+                f"cannot write to the result file {self.path} ({err}): disk full or file too "
+                "large? The rows stored so far are kept; free space and rerun the same command "
+                "to resume."
+            ) from err
         return cur.rowcount
 
     def close(self) -> None:
