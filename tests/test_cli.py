@@ -174,6 +174,11 @@ def test_smoke_run_writes_everything(reference):
         assert (run_dir / name).is_file(), name
     report = (run_dir / "report.md").read_text()
     assert "Table 1: attack success rate" in report and "CW-L2 (2-8)" in report
+    # an embedder's classification attacks attack a softmax head fitted on the gallery photos
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["classifiers"]["tiny"]["kind"] == "softmax head"
+    assert record["classifiers"]["tiny"]["training"]["train_accuracy"] > 1 / 6  # above chance
+    assert "| tiny | softmax head |" in report
     dr = [r for r in rows if r.attack == "DR (8-6)"]
     assert all(r.linf <= 8 / 255 + 1e-6 for r in dr)
     assert all(r.target is not None and r.target != r.identity for r in dr)

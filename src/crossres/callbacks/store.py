@@ -23,7 +23,7 @@ import torch
 
 from crossres.errors import CrossresError
 from crossres.lightning_modules.frozen_target import FrozenTarget, TargetOutput
-from crossres.run_dir import check_run_facts
+from crossres.run_dir import check_run_facts, update_run_record
 from crossres.store import CLEAN, ResultRow, ResultStore, StoreWriter
 from crossres.types import FaceBatch
 
@@ -69,6 +69,13 @@ class ResultStoreCallback(pl.Callback):
         self._done = self._store.done_keys()
         self._rank = trainer.global_rank
         trainer.strategy.barrier("crossres-store")  # every process has read before any writes
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the targets exist now (built in the module's setup): say which classifier each
+        # target's classification attacks attack (the report's classifier section reads it)
+        kinds = pl_module.classifier_kinds if isinstance(pl_module, FrozenTarget) else None
+        if kinds and trainer.global_rank == 0 and self.dir is not None:
+            update_run_record(self.dir, classifiers=kinds)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._writer is not None:

@@ -24,8 +24,10 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from crossres.errors import ConfigValueError
 from crossres.metrics.scoring import search
 from crossres.models.base import FaceModel, GalleryClassifier
+from crossres.models.heads import train_head
 from crossres.models.registry import build_model
 from crossres.models.templates import compute_templates
 from crossres.store import CLEAN, ResultRow
@@ -182,12 +184,15 @@ class FrozenTarget(pl.LightningModule):
         similarity: Similarity = "cosine",
         gallery_normalize: Literal["none", "before", "after", "both"] = "none",
         logit_scale: float = 30.0,
+        classifier: Literal["head", "gallery"] = "head",
     ) -> None:
         super().__init__()
         targets = targets or [TargetSpec()]
         labels = [t.label for t in targets]
         if len(set(labels)) != len(labels):
             raise ValueError(f"target labels must be unique, got {labels}")
+        if classifier not in ("head", "gallery"):
+            raise ConfigValueError(f"classifier must be 'head' or 'gallery', got {classifier!r}")
         if similarity not in ("cosine", "neg_euclidean"):
             raise ValueError(f"similarity must be 'cosine' or 'neg_euclidean', got {similarity!r}")
         self.save_hyperparameters()
@@ -195,6 +200,7 @@ class FrozenTarget(pl.LightningModule):
         self.similarity = similarity
         self.gallery_normalize = gallery_normalize
         self.logit_scale = logit_scale
+        self.classifier = classifier
         # built eagerly so that missing weights fail before any data is read
         self.models = nn.ModuleDict(
             {s.label: build_model(s.name, weights=s.weights, **s.options) for s in self.specs}
@@ -202,6 +208,7 @@ class FrozenTarget(pl.LightningModule):
         for m in self.models.values():
             m.requires_grad_(False).eval()
         self.targets: dict[str, ClassifierTarget] = {}
+        self.classifier_kinds: dict[str, dict] = {}  # per label, recorded in run.json
 
     # ---------------------------------------------------------------- set-up
     def input_config(self):
@@ -247,11 +254,25 @@ class FrozenTarget(pl.LightningModule):
             )
             keep = torch.tensor([int(i) not in nonmated for i in gallery.ids], dtype=torch.bool)
             open_gallery = Gallery(gallery.features[keep], gallery.ids[keep])
-            if model.num_classes > 0:
+            if model.num_classes > 0:  # the model's own softmax classifier (the paper's Base)
                 classifier, class_ids = model, torch.arange(model.num_classes)
+                self.classifier_kinds[label] = {"kind": "model's own classifier"}
+            elif self.classifier == "head":
+                # an embedder gets a softmax head fitted on the gallery photos (never a query),
+                # as the paper's Base fc: classification attacks then attack a classifier, not
+                # the identification system itself
+                classifier = train_head(
+                    model, dm.gallery_dataloader(), query_ids=dm.query_table.sample_id
+                )
+                class_ids = classifier.class_ids.clone()
+                self.classifier_kinds[label] = {
+                    "kind": "softmax head",
+                    "training": _plain(getattr(classifier, "record", {})),
+                }
             else:
                 classifier = GalleryClassifier(model, gallery.features, scale=self.logit_scale)
                 class_ids = gallery.ids.clone()
+                self.classifier_kinds[label] = {"kind": "GalleryClassifier"}
             self.targets[label] = ClassifierTarget(
                 label, classifier, gallery, open_gallery, class_ids, self.similarity
             )
@@ -281,3 +302,9 @@ def _item(value, i: int):
     if isinstance(value, torch.Tensor):
         return value[i].item()
     return value[i] if isinstance(value, list) else value
+
+
+def _plain(record) -> dict:
+    """A head's training record as JSON-friendly values (for run.json)."""
+    items = record.items() if isinstance(record, dict) else vars(record).items()
+    return {k: v if isinstance(v, int | float | str | bool | None) else str(v) for k, v in items}
