@@ -80,19 +80,35 @@ def rows(table: FaceTable, index: list[int]) -> FaceTable:
     )
 
 
-def features(model, dm, table: FaceTable, resolutions, keep: tuple[int, ...] = ()):
-    """{r: features [N, D]} of ``table``'s photos (table order), and {r: images} for ``keep``."""
-    ds = dm._make_dataset(table, list(resolutions))  # resolution-major items, table order
-    loader = torch.utils.data.DataLoader(ds, batch_size=32, collate_fn=ds.collate)
-    feats: dict[int, list[torch.Tensor]] = {int(r): [] for r in resolutions}
-    images: dict[int, list[torch.Tensor]] = {int(r): [] for r in keep}
+class Loaded(torch.utils.data.Dataset):
+    """The items of a crossres dataset, read (and degraded) once and shared by every model."""
+
+    def __init__(self, dataset) -> None:
+        self.items = [dataset[k] for k in range(len(dataset))]
+        self.collate = dataset.collate
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, k: int):
+        return self.items[k]
+
+    def loader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(self, batch_size=32, collate_fn=self.collate)
+
+
+def features(model, items: Loaded, keep: tuple[int, ...] = ()):
+    """{r: features [N, D]} of the photos of ``items`` (resolution-major: table order within a
+    resolution), and {r: images} for the resolutions in ``keep``."""
+    feats: dict[int, list[torch.Tensor]] = {}
+    images: dict[int, list[torch.Tensor]] = {}
     with torch.no_grad():
-        for b in loader:
+        for b in items.loader():
             f = model.features(b.images)
             for r in torch.unique(b.resolution).tolist():
-                feats[int(r)].append(f[b.resolution == r])
-                if int(r) in images:
-                    images[int(r)].append(b.images[b.resolution == r])
+                feats.setdefault(int(r), []).append(f[b.resolution == r])
+                if int(r) in keep:
+                    images.setdefault(int(r), []).append(b.images[b.resolution == r])
     return {r: torch.cat(v) for r, v in feats.items()}, {r: torch.cat(v) for r, v in images.items()}
 
 
@@ -301,17 +317,20 @@ def main(argv: list[str] | None = None) -> int:
 
     q_ids = torch.as_tensor(dm.query_table.identity)
     h_ids = torch.as_tensor(holdout.identity)
+    res = sorted({*DIST_RESOLUTIONS, *HIT_RESOLUTIONS, ORIGINAL})
+    query_items = Loaded(dm._make_dataset(dm.query_table, res))
+    holdout_items = Loaded(dm._make_dataset(holdout, [*DIST_RESOLUTIONS, ORIGINAL]))
+    gallery_items = Loaded(dm.gallery_dataset())
     models: list[Embedded] = []
     images: dict[int, torch.Tensor] = {}
     for label, path in specs:
         model = build_model("dlib_resnet29", weights=path).eval()
         m = Embedded(label, model)
-        res = sorted({*DIST_RESOLUTIONS, *HIT_RESOLUTIONS, ORIGINAL})
-        m.query, imgs = features(model, dm, dm.query_table, res, keep=tuple(args.dr_resolutions))
+        m.query, imgs = features(model, query_items, keep=tuple(args.dr_resolutions))
         images = images or imgs
-        m.holdout, _ = features(model, dm, holdout, [*DIST_RESOLUTIONS, ORIGINAL])
+        m.holdout, _ = features(model, holdout_items)
         m.gallery = compute_templates(
-            model, dm.gallery_dataloader(), num_classes=dm.num_classes, cache=False
+            model, gallery_items.loader(), num_classes=dm.num_classes, cache=False
         )
         models.append(m)
     labels = [m.label for m in models]
