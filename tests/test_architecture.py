@@ -26,6 +26,7 @@ FORBIDDEN = {
     "io": {"attacks", "metrics", "models", "datamodules", "lightning_modules", "callbacks"},
     "errors": {"attacks", "metrics", "models", "datamodules", "lightning_modules", "callbacks"},
     "paths": {"attacks", "metrics", "models", "datamodules", "lightning_modules", "callbacks"},
+    "phases": {"attacks", "metrics", "models", "datamodules", "lightning_modules", "callbacks"},
 }
 
 

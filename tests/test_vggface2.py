@@ -22,6 +22,7 @@ from crossres.datamodules.vggface2 import (
     read_identity_meta,
     vggface2_crop_box,
 )
+from crossres.io import atomic_write_text
 from crossres.models.base import FaceModel, PretrainedConfig
 from crossres.models.templates import compute_templates
 
@@ -298,15 +299,18 @@ def test_missing_files_name_the_expected_layout(tree, tmp_path):
 
     with pytest.raises(FileNotFoundError, match=r"query manifest not found: .*nope.json"):
         VGGFace2DataModule(str(tree), str(tmp_path / "nope.json"), **SMALL).setup("test")
-    (tmp_path / "broken.json").write_text('{"format": "crossres-query-manifest", ')
+    # written whole (with their sidecars) but not readable as this version's manifest
+    atomic_write_text(
+        tmp_path / "broken.json", '{"format": "crossres-query-manifest", ', sidecar=True
+    )
     with pytest.raises(ValueError, match=r"broken.json is not readable JSON"):
         QueryManifest.load(tmp_path / "broken.json")
     good = json.loads((tmp_path / "m.json").read_text())
-    (tmp_path / "old.json").write_text(json.dumps({**good, "version": 0}))
+    atomic_write_text(tmp_path / "old.json", json.dumps({**good, "version": 0}), sidecar=True)
     with pytest.raises(ValueError, match=r"old.json has version 0.*select the queries again"):
         QueryManifest.load(tmp_path / "old.json")
     del good["open_set"]
-    (tmp_path / "partial.json").write_text(json.dumps(good))
+    atomic_write_text(tmp_path / "partial.json", json.dumps(good), sidecar=True)
     with pytest.raises(ValueError, match=r"partial.json lacks the keys \['open_set'\]"):
         QueryManifest.load(tmp_path / "partial.json")
     with pytest.raises(FileNotFoundError, match="no query manifest"):

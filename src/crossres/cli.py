@@ -7,15 +7,21 @@ crossres gallery --config FILE                   build (and cache) the gallery t
 crossres select-queries --config FILE            select the queries, write their manifest
 crossres fetch-faces                             fetch the embedded real faces into the cache
 crossres prepare [--force]                       fetch the faces, train the default's CR weights
+crossres transfer RUN_DIR --target LABEL|MODEL [--weights W] [--resolution R]
+                                                 evaluate a run's stored adversarials elsewhere
 
-A ``CrossresError`` (bad input, a missing prepared artefact) ends the command with one line
-``crossres: <message>`` on stderr and status 2; anything else is a bug and keeps its traceback.
+A ``CrossresError`` (bad input, a missing prepared artefact) or a configuration jsonargparse
+cannot parse ends the command with one line ``crossres: <message>`` on stderr and status 2
+(README "When something is wrong"); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
+from argparse import ArgumentError
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -120,6 +126,12 @@ def resize_shortest(model: pl.LightningModule) -> int | None:
     return model.input_config().resize_shortest
 
 
+# Parse errors raise (``main`` prints them as one line) instead of jsonargparse's usage dump.
+_RAISE_PARSE_ERRORS = {"exit_on_error": False} | {
+    name: {"exit_on_error": False} for name in ("fit", "validate", "test", "predict")
+}
+
+
 def run_lightning(argv: list[str] | None) -> None:
     try:
         CrossresCLI(
@@ -130,6 +142,7 @@ def run_lightning(argv: list[str] | None) -> None:
             trainer_defaults={"inference_mode": False},
             save_config_kwargs={"overwrite": True},
             seed_everything_default=0,
+            parser_kwargs=_RAISE_PARSE_ERRORS,
             args=argv,
         )
     finally:
@@ -172,6 +185,7 @@ def configured_cli(argv: list[str]) -> CrossresCLI:
         trainer_defaults={"inference_mode": False, "logger": False},
         save_config_callback=None,
         seed_everything_default=0,
+        parser_kwargs=_RAISE_PARSE_ERRORS,
         run=False,
         args=argv,
     )
@@ -234,12 +248,78 @@ def prepare_main(argv: list[str]) -> int:
     return main(argv, fit=run_lightning)  # the runner goes in: prepare never imports the CLI
 
 
+def transfer_main(argv: list[str]) -> int:
+    """Evaluate the stored adversarials of a run on another target (a label of the run or a
+    registry model) and/or at another resolution; rows go into the run's store, then the
+    report is rewritten (see ``crossres.transfer``)."""
+    import argparse
+
+    import torch
+
+    from crossres.lightning_modules.frozen_target import TargetSpec
+    from crossres.models.registry import list_models
+    from crossres.report.markdown import write_report
+    from crossres.transfer import transfer
+
+    p = argparse.ArgumentParser(prog="crossres transfer", description=transfer_main.__doc__)
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--target", required=True, help="a target label of the run or a model name")
+    p.add_argument("--weights", default=None, help="weight file of a registry model")
+    p.add_argument("--resolution", type=int, default=None, help="evaluate at this resolution")
+    p.add_argument("--source", action="append", default=None, help="source target label(s)")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    config = args.run_dir / "config.yaml"
+    if not config.is_file():
+        raise CrossresError(f"{args.run_dir} has no config.yaml (not a `crossres test` run?)")
+    if args.resolution is not None and args.resolution < 0:
+        raise CrossresError(f"--resolution must be >= 0 (0 = original), got {args.resolution}")
+    import tempfile
+
+    import yaml
+
+    # the configuration's sections, without the arguments of `test` itself (ckpt_path, ...)
+    sections = ("seed_everything", "trainer", "model", "data", "store", "metrics", "report")
+    saved = {k: v for k, v in yaml.safe_load(config.read_text()).items() if k in sections}
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = Path(tmp) / "config.yaml"
+        plain.write_text(yaml.safe_dump(saved))
+        cli = configured_cli(["--config", str(plain), "--trainer.logger=false"])
+    frozen, dm = cli.model, cli.datamodule
+    if not isinstance(frozen, FrozenTarget):
+        raise CrossresError(f"{config} is no benchmark run (its model is not a FrozenTarget)")
+    labels = [s.label for s in frozen.specs]
+    if args.target not in labels:
+        known = args.target.startswith("timm/") or args.target in list_models()
+        if not known:
+            raise CrossresError(
+                f"--target {args.target!r} is neither a target of the run {labels} nor a "
+                f"registry model name ({', '.join(list_models())}, or timm/<name>)"
+            )
+        frozen = FrozenTarget(
+            [TargetSpec(name=args.target, label=args.target, weights=args.weights)],
+            similarity=frozen.similarity,
+            gallery_normalize=frozen.gallery_normalize,
+            logit_scale=frozen.logit_scale,
+        )
+        dm.configure_for(frozen.input_config())
+    dm.setup("test")
+    frozen.to(torch.device(args.device))
+    frozen.build_targets(dm)
+    target = frozen.targets[args.target].to(torch.device(args.device))
+    n = transfer(args.run_dir, dm, target, resolution=args.resolution, sources=args.source)
+    print(f"crossres transfer: {n} rows written to {args.run_dir}")
+    print(f"wrote {write_report(args.run_dir)}")
+    return 0
+
+
 TOOLS = {
     "report": report_main,
     "fetch-faces": fetch_faces_main,
     "gallery": gallery_main,
     "select-queries": select_queries_main,
     "prepare": prepare_main,
+    "transfer": transfer_main,
 }
 
 
@@ -249,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         if args and args[0] in TOOLS:
             return TOOLS[args[0]](args[1:])
         run_lightning(argv)  # None: LightningCLI reads sys.argv itself
+    except ArgumentError as e:  # jsonargparse: a bad key or value in the YAML or the flags
+        print(f"crossres: {parse_error_line(str(e), configs=_config_files(args))}", file=sys.stderr)
+        return 2
     except Exception as e:
         user_error = _crossres_error(e)
         if user_error is None:
@@ -271,8 +354,54 @@ def _crossres_error(e: BaseException | None) -> CrossresError | None:
     return None
 
 
+# jsonargparse's nested report: the lines that only frame the error, the ones that name where
+_FRAME = re.compile(
+    r"^ *(Does not validate against any of the Union subtypes|Subtypes:|Errors:)", re.MULTILINE
+)
+_KEY = re.compile(r'^Parser key "([^"]+)":$')
+_CLASS = re.compile(r"^Problem with given class_path '([^']+)':$")
+
+
+def parse_error_line(message: str, *, configs: Sequence[str] = ()) -> str:
+    """jsonargparse's parse error (a tree of every alternative it tried, with the values) as
+    one line: the keys and class down the first branch, and the error found there. A flat
+    message (YAML syntax, a missing file) is kept whole, naming the ``configs`` read."""
+    if not _FRAME.search(message):
+        text = " ".join(message.split())
+        if configs:  # PyYAML reads the text of the file: name the file instead
+            text = text.replace('"<unicode string>"', " + ".join(configs))
+        return f"bad configuration: {text}"
+    keys: list[str] = []
+    cls = ""
+    leaf = ""
+    for raw in message.splitlines():
+        line = raw.strip().removeprefix("- ").strip()
+        if not line or _FRAME.match(line):
+            continue
+        if m := _KEY.match(line):
+            keys.append(m[1])
+        elif m := _CLASS.match(line):
+            cls = m[1]
+        else:
+            leaf = line
+            break
+    where = ".".join(keys) + (f" ({cls})" if cls else "")
+    return f"bad configuration at {where}: {leaf}" if where else f"bad configuration: {leaf}"
+
+
+def _config_files(args: Sequence[str]) -> list[str]:
+    """The ``--config`` files named on the command line."""
+    files = [b for a, b in zip(args, args[1:], strict=False) if a == "--config"]
+    return files + [a.removeprefix("--config=") for a in args if a.startswith("--config=")]
+
+
 def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())
+    text = str(e)
+    # re-raised from a DataLoader worker: the worker's traceback, then the error itself
+    own = f"{type(e).__module__}.{type(e).__qualname__}: "
+    if "Original Traceback" in text and own in text:
+        text = text.rsplit(own, 1)[1]
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -12,3 +12,8 @@ class CrossresError(Exception):
 class NotPreparedError(CrossresError, FileNotFoundError):
     """A derived artefact (fetched faces, CR weights, a classification head, a query manifest)
     has not been built yet; the message names the command that builds it."""
+
+
+class ConfigValueError(CrossresError, ValueError):
+    """A value the user configured is out of its range or unknown (an attack knob, a list of
+    resolutions, a model name); the message names the parameter and the value given."""

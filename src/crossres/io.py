@@ -8,6 +8,7 @@ written after the file itself, so a file without a matching sidecar is never tru
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -23,6 +24,14 @@ SIDECAR_SUFFIX = ".sha256"
 
 class CorruptFileError(CrossresError):
     """A cached or recorded file does not match the hash written beside it."""
+
+
+class DiskFullError(CrossresError, OSError):
+    """A file could not be written for lack of space (or a file-size limit)."""
+
+
+# ENOSPC: no space; EFBIG: a file-size limit (ulimit -f); EDQUOT: a quota
+_FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -62,8 +71,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, sidecar: bool = 
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a cache file is not
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in _FULL:
+            raise DiskFullError(
+                f"cannot write {path}: {err.strerror} (disk full or file-size limit); what was "
+                "written before is kept, free space and rerun the same command to resume"
+            ) from err
         raise
     digest = sha256_bytes(data)
     if sidecar:

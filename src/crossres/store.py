@@ -16,7 +16,18 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from crossres.errors import CrossresError
+from crossres.phases import mark
+
 CLEAN = "clean"  # the attack name of the rows that score the unattacked queries
+
+
+class CorruptStoreError(CrossresError):
+    """A result file of the run cannot be read."""
+
+
+class StoreWriteError(CrossresError):
+    """A batch of rows could not be written (disk full, file-size limit, I/O error)."""
 
 
 @dataclass
@@ -28,6 +39,12 @@ class ResultRow:
     Open-set columns, against the gallery without the non-mated identities: ``open_mated``
     (the identity is enrolled there), ``open_mate_rank``/``open_mate_score`` (mated only) and
     ``open_top_score`` (highest score of any template).
+    ``space``: where the attack worked, "model_input" (the paper's) or "low_resolution" (the
+    capture before upsampling); its norms are measured there. ``target_score`` /
+    ``clean_target_score``: score of the attacked / clean probe against the closed-set template
+    of ``target`` (the impersonation target), NaN without a target: the impostor pairs of the
+    verification (1:1) tables. Files written before these columns existed read as
+    "model_input" and NaN.
     """
 
     model: str
@@ -53,6 +70,9 @@ class ResultRow:
     open_top_score: float = float("nan")
     seconds: float = 0.0
     path: str = ""
+    space: str = "model_input"
+    target_score: float = float("nan")
+    clean_target_score: float = float("nan")
 
     @property
     def key(self) -> tuple[str, str, int, int]:
@@ -61,19 +81,31 @@ class ResultRow:
 
 _COLUMNS = [f.name for f in fields(ResultRow)]
 _KEY = ("model", "attack", "sample_id", "resolution")
+_SCORES = (
+    "mate_score",
+    "best_nonmate_score",
+    "open_mate_score",
+    "open_top_score",
+    "target_score",
+    "clean_target_score",
+)
+_DEFAULTS = {f.name: f.default for f in fields(ResultRow)}
+
+
+def _sql_type(f) -> str:
+    base = f.type.split("|")[0].strip() if isinstance(f.type, str) else f.type
+    return {"str": "TEXT", "int": "INTEGER", "float": "REAL", "bool": "INTEGER"}.get(base, "TEXT")
 
 
 def _schema() -> str:
-    cols = []
-    for f in fields(ResultRow):
-        base = f.type.split("|")[0].strip() if isinstance(f.type, str) else f.type
-        sql = {"str": "TEXT", "int": "INTEGER", "float": "REAL", "bool": "INTEGER"}.get(
-            base, "TEXT"
-        )
-        cols.append(f"{f.name} {sql}")
+    cols = [f"{f.name} {_sql_type(f)}" for f in fields(ResultRow)]
     return (
         f"CREATE TABLE IF NOT EXISTS results ({', '.join(cols)}, PRIMARY KEY ({', '.join(_KEY)}))"
     )
+
+
+def _file_columns(con: sqlite3.Connection) -> set[str]:
+    return {r[1] for r in con.execute("PRAGMA table_info(results)")}
 
 
 class ResultStore:
@@ -98,9 +130,18 @@ class ResultStore:
                     "SELECT 1 FROM sqlite_master WHERE type='table' AND name='results'"
                 ).fetchone():
                     continue
-                yield from con.execute(f"SELECT {', '.join(columns)} FROM results")
+                have = _file_columns(con)
+                # a file from before a column existed: NULL there (the row's default on read)
+                wanted = [c if c in have else f"NULL AS {c}" for c in columns]
+                yield from con.execute(f"SELECT {', '.join(wanted)} FROM results")
             except sqlite3.DatabaseError as err:
-                raise sqlite3.DatabaseError(f"result file {path} is unreadable: {err}") from err
+                others = [f for f in self.files() if f != path]
+                raise CorruptStoreError(
+                    f"result file {path} is unreadable ({err}); the run's other "
+                    f"{len(others)} result file(s) are intact. Move it aside (e.g. to "
+                    f"{path.name}.corrupt) and rerun the same command: the rows it held are "
+                    "crafted again, every other stored row is kept."
+                ) from err
             finally:
                 con.close()
 
@@ -118,7 +159,9 @@ class ResultStore:
 
 
 class StoreWriter:
-    """One process's writer: a batch of rows is one transaction (all or nothing)."""
+    """One process's writer: a batch of rows is one transaction (all or nothing). A key
+    already in the file is kept (a batch redone after a crash); attack names are unique per
+    run (``AttackCallback`` refuses duplicates at set-up), so no other row is ever dropped."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -126,17 +169,31 @@ class StoreWriter:
         self.con.execute("PRAGMA journal_mode=WAL")
         self.con.execute("PRAGMA synchronous=NORMAL")
         self.con.execute(_schema())
+        have = _file_columns(self.con)
+        for f in fields(ResultRow):  # a resumed file from before a column existed
+            if f.name not in have:
+                self.con.execute(f"ALTER TABLE results ADD COLUMN {f.name} {_sql_type(f)}")
         self.con.commit()
 
     def write(self, rows: Iterable[ResultRow]) -> int:
         values = [_row_to_sql(r) for r in rows]
         if not values:
             return 0
+        mark("store")
         marks = ", ".join("?" for _ in _COLUMNS)
-        with self.con:  # one transaction
-            cur = self.con.executemany(
-                f"INSERT OR IGNORE INTO results ({', '.join(_COLUMNS)}) VALUES ({marks})", values
-            )
+        try:
+            with self.con:  # one transaction: on failure it rolls back, earlier ones stay
+                cur = self.con.executemany(
+                    f"INSERT OR IGNORE INTO results ({', '.join(_COLUMNS)}) VALUES ({marks})",
+                    values,
+                )
+        except (sqlite3.OperationalError, OSError) as err:
+            # SQLite says "database or disk is full" for ENOSPC, "disk I/O error" for EFBIG
+            raise StoreWriteError(
+                f"cannot write to the result file {self.path} ({err}): disk full or file too "
+                "large? The rows stored so far are kept; free space and rerun the same command "
+                "to resume."
+            ) from err
         return cur.rowcount
 
     def close(self) -> None:
@@ -156,9 +213,11 @@ def _row_from_sql(values: Sequence) -> ResultRow:
     for name in ("success", "open_mated"):
         if d[name] is not None:
             d[name] = bool(d[name])
-    for name in ("mate_score", "best_nonmate_score", "open_mate_score", "open_top_score"):
+    for name in _SCORES:
         if d[name] is None:  # SQLite stores NaN as NULL
             d[name] = float("nan")
+    if d["space"] is None:
+        d["space"] = _DEFAULTS["space"]
     return ResultRow(**d)
 
 

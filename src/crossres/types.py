@@ -17,6 +17,11 @@ class FaceBatch:
     sample_id: [B] int64, unique and stable across the dataset (DDP padding duplicates share it).
     resolution: [B] int64, the shortest side the face was degraded to (0 = original).
     paths: source file of each sample, where there is one.
+    low_resolution: only when a callback asked the datamodule for them (an attack in the
+        low-resolution space): per sample the degraded capture before upsampling, float RGB
+        [3, h_r, w_r] in [0, 1] (PIL's pixels / 255; the original image when the resolution is
+        0 or >= its shortest side). A list: captures of different original sizes differ.
+    original_size: [B, 2] int64 (height, width) of each original image, with ``low_resolution``.
     """
 
     images: torch.Tensor
@@ -24,6 +29,8 @@ class FaceBatch:
     sample_id: torch.Tensor
     resolution: torch.Tensor
     paths: list[str] = field(default_factory=list)
+    low_resolution: list[torch.Tensor] | None = None
+    original_size: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -35,6 +42,26 @@ class FaceBatch:
             sample_id=self.sample_id.to(device),
             resolution=self.resolution.to(device),
             paths=list(self.paths),
+            low_resolution=(
+                None if self.low_resolution is None else [t.to(device) for t in self.low_resolution]
+            ),
+            original_size=self.original_size,  # geometry: stays on the CPU
+        )
+
+    def select(self, index: torch.Tensor) -> FaceBatch:
+        """The samples at ``index`` (a long tensor of batch positions), every field kept."""
+        positions = index.tolist()
+        idx = index.to(self.images.device)
+        return FaceBatch(
+            images=self.images[idx],
+            identity=self.identity[idx],
+            sample_id=self.sample_id[idx],
+            resolution=self.resolution[idx],
+            paths=[self.paths[i] for i in positions] if self.paths else [],
+            low_resolution=(
+                None if self.low_resolution is None else [self.low_resolution[i] for i in positions]
+            ),
+            original_size=None if self.original_size is None else self.original_size[positions],
         )
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from crossres.attacks.objectives import Misclassification, TargetedMisclassification
+from crossres.errors import ConfigValueError
 
 #: Carlini's sentinel for "no successful constant yet" (upper bound) and its test threshold.
 UPPER_UNSET = 1e10
@@ -144,7 +145,7 @@ def count(name: str, value: int) -> int:
     except TypeError:
         number = None
     if isinstance(value, bool) or number is None or number < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        raise ConfigValueError(f"{name} must be an integer >= 1, got {value!r}")
     return number
 
 

@@ -40,6 +40,7 @@ from crossres.attacks.objectives import (
     Misclassification,
     TargetedMisclassification,
 )
+from crossres.errors import ConfigValueError
 
 
 @dataclass
@@ -227,12 +228,12 @@ AUTOCAST_DTYPES = ("bfloat16", "float16")
 def check_autocast(value: str | None) -> str | None:
     """Validate the autocast knob: None, "bfloat16" or "float16" (a clear error naming it)."""
     if value is not None and value not in AUTOCAST_DTYPES:
-        raise ValueError(f"autocast must be None or one of {AUTOCAST_DTYPES}, got {value!r}")
+        raise ConfigValueError(f"autocast must be None or one of {AUTOCAST_DTYPES}, got {value!r}")
     return value
 
 
 def positive(name: str, value: float, *, strict: bool = True) -> float:
     """Validate a knob at construction: a clear error naming it."""
     if value is None or (value <= 0 if strict else value < 0):
-        raise ValueError(f"{name} must be {'> 0' if strict else '>= 0'}, got {value!r}")
+        raise ConfigValueError(f"{name} must be {'> 0' if strict else '>= 0'}, got {value!r}")
     return value

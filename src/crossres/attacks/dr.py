@@ -48,6 +48,7 @@ from torch import nn
 
 from crossres.attacks.base import Attack, AttackResult, check_autocast, positive
 from crossres.attacks.objectives import Dodging
+from crossres.errors import ConfigValueError
 
 _STATS = threading.local()
 
@@ -105,17 +106,19 @@ class DeepRepresentation(Attack):
         self.autocast = check_autocast(autocast)
         self.epsilon = float(positive("epsilon", epsilon))
         if int(steps) != steps or steps < 1:
-            raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+            raise ConfigValueError(f"steps must be an integer >= 1, got {steps!r}")
         if int(k) != k or k < 1:
-            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+            raise ConfigValueError(f"k must be an integer >= 1, got {k!r}")
         if metric not in ("euclidean", "cosine"):
-            raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
+            raise ConfigValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
         if max_evaluations is not None and (
             int(max_evaluations) != max_evaluations or max_evaluations < 1
         ):
-            raise ValueError(f"max_evaluations must be an integer >= 1, got {max_evaluations!r}")
+            raise ConfigValueError(
+                f"max_evaluations must be an integer >= 1, got {max_evaluations!r}"
+            )
         if int(memory) != memory or memory < 1:
-            raise ValueError(f"memory must be an integer >= 1, got {memory!r}")
+            raise ConfigValueError(f"memory must be an integer >= 1, got {memory!r}")
         self.steps = int(steps)
         self.k = int(k)
         self.metric = metric

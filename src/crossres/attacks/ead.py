@@ -35,6 +35,7 @@ from crossres.attacks._margin import (
     search_success,
 )
 from crossres.attacks.base import Attack, check_autocast, positive
+from crossres.errors import ConfigValueError
 
 #: The authors' early-abort test: stop when loss > ABORT_RATIO * the previous check's loss.
 ABORT_RATIO = 0.999999
@@ -86,7 +87,7 @@ class ElasticNet(Attack):
     ) -> None:
         self.autocast = check_autocast(autocast)
         if decision_rule not in ("EN", "L1"):
-            raise ValueError(f"decision_rule must be 'EN' or 'L1', got {decision_rule!r}")
+            raise ConfigValueError(f"decision_rule must be 'EN' or 'L1', got {decision_rule!r}")
         self.binary_search_steps = count("binary_search_steps", binary_search_steps)
         self.steps = count("steps", steps)
         self.beta = float(positive("beta", beta, strict=False))

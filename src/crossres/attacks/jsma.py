@@ -62,6 +62,7 @@ from torch import nn
 
 from crossres.attacks.base import Attack, check_autocast, positive
 from crossres.attacks.objectives import Misclassification, TargetedMisclassification
+from crossres.errors import ConfigValueError
 
 #: foolbox 2's GradientAttack defaults: 1000 step sizes in (0, 1], refined when the first
 #: success comes within the first 20 of them.
@@ -97,22 +98,24 @@ class JSMA(Attack):
     ) -> None:
         self.autocast = check_autocast(autocast)
         if int(max_iter) != max_iter or max_iter < 1:
-            raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+            raise ConfigValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
         if int(max_perturbations_per_pixel) != max_perturbations_per_pixel or (
             max_perturbations_per_pixel < 1
         ):
-            raise ValueError(
+            raise ConfigValueError(
                 "max_perturbations_per_pixel must be an integer >= 1, "
                 f"got {max_perturbations_per_pixel!r}"
             )
         self.max_iter = int(max_iter)
         self.theta = float(positive("theta", theta))
         if self.theta > 1:
-            raise ValueError(f"theta is a fraction of the pixel range: must be <= 1, got {theta}")
+            raise ConfigValueError(
+                f"theta is a fraction of the pixel range: must be <= 1, got {theta}"
+            )
         self.max_perturbations_per_pixel = int(max_perturbations_per_pixel)
         self.seed = int(seed)
         if untargeted_target not in ("foolbox", "runner_up"):
-            raise ValueError(
+            raise ConfigValueError(
                 f"untargeted_target must be 'foolbox' or 'runner_up', got {untargeted_target!r}"
             )
         self.untargeted_target = untargeted_target

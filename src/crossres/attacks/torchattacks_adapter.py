@@ -42,6 +42,7 @@ from torch import nn
 
 from crossres.attacks._margin import class_targets
 from crossres.attacks.base import Attack
+from crossres.errors import ConfigValueError
 
 #: Attributes torchattacks' attacks use for their iteration budget, in order of preference.
 BUDGET_ATTRIBUTES = ("steps", "max_iterations", "n_queries", "max_iter")
@@ -58,7 +59,7 @@ def resolve_torchattacks(name_or_class: str | type) -> type:
             known = sorted(
                 n for n in dir(torchattacks) if isinstance(getattr(torchattacks, n), type)
             )
-            raise ValueError(
+            raise ConfigValueError(
                 f"torchattacks has no attack named {name_or_class!r}; known: {', '.join(known)}"
             )
         return found

@@ -1,9 +1,10 @@
-"""Multi-resolution face data: VGGFace2 (the paper), embedded real faces (the default run),
-synthetic faces (tests)."""
+"""Multi-resolution face data: VGGFace2 (the paper), embedded real faces (the default run), a
+folder of your own faces, synthetic faces (tests)."""
 
 from crossres.datamodules.base import MultiResolutionDataModule
 from crossres.datamodules.cr_data import CrossResolutionDataModule, FaceAugmentation
 from crossres.datamodules.embedded import EmbeddedFacesDataModule
+from crossres.datamodules.folder import FolderFacesDataModule
 from crossres.datamodules.resolution import ResolutionTransform, degrade
 from crossres.datamodules.synthetic import SyntheticFacesDataModule
 from crossres.datamodules.vggface2 import VGGFace2DataModule
@@ -12,6 +13,7 @@ __all__ = [
     "CrossResolutionDataModule",
     "FaceAugmentation",
     "EmbeddedFacesDataModule",
+    "FolderFacesDataModule",
     "MultiResolutionDataModule",
     "ResolutionTransform",
     "SyntheticFacesDataModule",

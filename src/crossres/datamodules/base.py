@@ -29,6 +29,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from crossres.datamodules.resolution import ORIGINAL, ResolutionTransform, check_resolutions
+from crossres.errors import CrossresError
 from crossres.models.base import PretrainedConfig
 from crossres.types import FaceBatch
 
@@ -65,7 +66,7 @@ def split_count(n: int, fraction: float) -> int:
     return min(n - 1, max(1, int(math.floor(n * fraction + 0.5))))
 
 
-class CorruptImageError(RuntimeError):
+class CorruptImageError(CrossresError, RuntimeError):
     """An image file could not be read or decoded; the message names the file."""
 
 
@@ -103,6 +104,8 @@ class FaceItem:
     sample_id: int
     resolution: int
     path: str
+    low_resolution: torch.Tensor | None = None  # the capture before upsampling, when asked for
+    original_size: tuple[int, int] | None = None  # (height, width) of the source image
 
 
 @dataclass
@@ -132,12 +135,19 @@ class FaceCollate:
         else:
             images = torch.zeros((0, *self.image_shape))
         paths = [it.path for it in faces]
+        low = faces and faces[0].low_resolution is not None
         return LoadedFaceBatch(
             images=images,
             identity=torch.tensor([it.identity for it in faces], dtype=torch.int64),
             sample_id=torch.tensor([it.sample_id for it in faces], dtype=torch.int64),
             resolution=torch.tensor([it.resolution for it in faces], dtype=torch.int64),
             paths=paths if any(paths) else [],
+            low_resolution=[it.low_resolution for it in faces] if low else None,
+            original_size=(
+                torch.tensor([it.original_size for it in faces], dtype=torch.int64).reshape(-1, 2)
+                if low
+                else None
+            ),
             skipped=skipped,
         )
 
@@ -148,7 +158,11 @@ class FaceImageDataset(Dataset):
 
     skip_corrupt: False (default) raises ``CorruptImageError`` naming the file; True yields a
         ``SkippedItem`` that the collate drops and lists in ``LoadedFaceBatch.skipped``.
+    ``low_resolution = True`` (attribute) adds each item's low-resolution capture and original
+    size (``FaceBatch.low_resolution`` / ``original_size``).
     """
+
+    low_resolution: bool = False
 
     def __init__(
         self,
@@ -196,12 +210,15 @@ class FaceImageDataset(Dataset):
                 "file, or pass skip_corrupt=True to skip unreadable images (they are counted in "
                 "the manifest and the templates cache)"
             ) from e
+        low = self.transforms[j].low_resolution(img) if self.low_resolution else None
         return FaceItem(
             image=self.transforms[j](img),
             identity=int(self.table.identity[i]),
             sample_id=int(self.table.sample_id[i]),
             resolution=self.resolutions[j],
             path=self.table.paths[i],
+            low_resolution=low,
+            original_size=(img.size[1], img.size[0]) if low is not None else None,
         )
 
 
@@ -311,6 +328,7 @@ class MultiResolutionDataModule(pl.LightningDataModule):
         self._query_table: FaceTable | None = None
         self._gallery: FaceTable | None = None
         self._ready = False
+        self.low_resolution_images = False  # see hand_out_low_resolution
 
     # ------------------------------------------------------------ for subclasses
     @abstractmethod
@@ -370,9 +388,18 @@ class MultiResolutionDataModule(pl.LightningDataModule):
         self._require_setup()
         return self._gallery_table()
 
+    def hand_out_low_resolution(self) -> None:
+        """From now on query batches also carry every sample's low-resolution capture and
+        original size (``FaceBatch.low_resolution``/``original_size``), for the callbacks that
+        attack in the low-resolution space (they ask in their ``setup``, before the test
+        dataloader is made)."""
+        self.low_resolution_images = True
+
     # ------------------------------------------------------------ datasets and loaders
     def query_dataset(self) -> FaceImageDataset:
-        return self._make_dataset(self.query_table, self.resolutions)
+        dataset = self._make_dataset(self.query_table, self.resolutions)
+        dataset.low_resolution = self.low_resolution_images
+        return dataset
 
     def gallery_dataset(self) -> FaceImageDataset:
         return self._make_dataset(self.gallery_table(), [ORIGINAL])

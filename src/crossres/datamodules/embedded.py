@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,8 +30,6 @@ from crossres.datamodules.base import (
     FaceTable,
     MultiResolutionDataModule,
     OpenSetSplit,
-    seeded_order,
-    split_count,
     stable_id,
 )
 from crossres.datamodules.embedded_sources import (
@@ -42,6 +39,7 @@ from crossres.datamodules.embedded_sources import (
     load_embedded_faces,
     load_manifest,
 )
+from crossres.datamodules.identity_split import split_identities
 from crossres.errors import NotPreparedError
 
 FETCH_COMMAND = "crossres fetch-faces"
@@ -200,57 +198,25 @@ class EmbeddedFacesDataModule(MultiResolutionDataModule):
             groups.setdefault(p.identity, []).append(p)
         self.identity_names = sorted(groups)
         index = {name: i for i, name in enumerate(self.identity_names)}
-        multi = [n for n in self.identity_names if len(groups[n]) >= 2]
-        singles = [n for n in self.identity_names if len(groups[n]) == 1]
-        if len(multi) < 2:
-            raise ValueError(
-                f"the embedded faces hold {len(multi)} identities with 2+ faces; at least 2 are "
-                f"needed for gallery and query splits. Run `{FETCH_COMMAND}` (or `make data`)"
-            )
-        query, gallery, record = [], [], []
-        for name in multi:
-            faces = groups[name]
-            order = [faces[i] for i in seeded_order([_key(f) for f in faces], self.seed, "split")]
-            k = split_count(len(faces), self.query_fraction)
-            # the cap drops queries (they join neither split), so the gallery, and what a CR
-            # model was trained on, stays that of the uncapped split
-            used = order[: min(k, self.max_queries_per_identity or k)]
-            query += used
-            gallery += order[k:]
-            record += [{"face": _key(f), "identity": name, "split": "query"} for f in used]
-            record += [{"face": _key(f), "identity": name, "split": "gallery"} for f in order[k:]]
-        opened = [multi[i] for i in seeded_order(multi, self.seed, "open-set")]
-        non_mated = opened[: len(multi) // 2]
-        mated = opened[len(multi) // 2 :]
-        single_order = [singles[i] for i in seeded_order(singles, self.seed, "singles")]
-        n_sq = min(self.n_single_queries, len(single_order))
-        if n_sq < self.n_single_queries:
-            warnings.warn(
-                f"only {len(single_order)} single-face people are available; using {n_sq} as "
-                f"non-mated queries (asked for {self.n_single_queries}) and none as distractors",
-                stacklevel=2,
-            )
-        single_queries = single_order[:n_sq]
-        distractors = single_order[n_sq:]
-        if self.max_distractors is not None:
-            distractors = distractors[: self.max_distractors]
-        query += [groups[n][0] for n in single_queries]
-        gallery += [groups[n][0] for n in distractors]
-        record += [
-            {"face": _key(groups[n][0]), "identity": n, "split": "query"} for n in single_queries
-        ]
-        record += [
-            {"face": _key(groups[n][0]), "identity": n, "split": "gallery"} for n in distractors
-        ]
-
-        self._query_photos, self._gallery_photos = query, gallery
-        self._query_table = self._table(query, index)
-        self._gallery = self._table(gallery, index)
-        self.open_set = OpenSetSplit(
-            mated=tuple(sorted(index[n] for n in mated)),
-            non_mated=tuple(sorted(index[n] for n in non_mated + single_queries)),
+        split = split_identities(
+            {n: [_key(p) for p in faces] for n, faces in groups.items()},
+            seed=self.seed,
+            query_fraction=self.query_fraction,
+            max_queries_per_identity=self.max_queries_per_identity,
+            n_single_queries=self.n_single_queries,
+            max_distractors=self.max_distractors,
+            source="the embedded faces",
+            hint=f". Run `{FETCH_COMMAND}` (or `make data`)",
         )
-        self.split_record = sorted(record, key=lambda r: (r["identity"], r["face"]))
+        self._query_photos = [photos[k] for _, k in split.query]
+        self._gallery_photos = [photos[k] for _, k in split.gallery]
+        self._query_table = self._table(self._query_photos, index)
+        self._gallery = self._table(self._gallery_photos, index)
+        self.open_set = OpenSetSplit(
+            mated=tuple(sorted(index[n] for n in split.mated)),
+            non_mated=tuple(sorted(index[n] for n in split.non_mated)),
+        )
+        self.split_record = split.record
         settings = {
             "dataset": "embedded-faces",
             "seed": self.seed,

@@ -6,6 +6,11 @@ model, so it runs once and its outcome is frozen in a JSON file: the query image
 identities and sample ids, the seed, the gallery/query split rule with a digest of the gallery
 it produced, the open-set split, the hash of every target model's weights, and the files that
 were skipped as unreadable. ``content_hash`` keys what is computed from it (gallery templates).
+
+Crash safety: written atomically with a ``<file>.sha256`` sidecar (``crossres.io``); ``load``
+verifies the file against it, so a damaged manifest, or one whose write stopped before its
+sidecar, is refused naming the file and ``crossres select-queries``, which selects it again
+(as ``crossres test`` does by itself, ``query_selection.prepare_queries``).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from crossres.errors import NotPreparedError
-from crossres.io import atomic_write_text, sha256_bytes
+from crossres.io import atomic_write_text, sha256_bytes, verify_file
 from crossres.models.fingerprint import model_hash, state_hash  # noqa: F401  (moved)
 
 MANIFEST_FORMAT = "crossres-query-manifest"
@@ -80,11 +85,13 @@ class QueryManifest:
         return sha256_bytes(json.dumps(d, sort_keys=True).encode())
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write atomically (a crash never leaves half a manifest)."""
+        """Write atomically, with its sha256 sidecar (a crash never leaves half a manifest
+        that reads as whole)."""
         path = Path(path)
         if not self.created:
             self.created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n")
+        text = json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n"
+        atomic_write_text(path, text, sidecar=True)
         return path
 
     @classmethod
@@ -95,6 +102,7 @@ class QueryManifest:
                 f"query manifest not found: {path}. It is written once by the query selection: "
                 f"run `{SELECT_COMMAND}` with the run's YAML (`crossres test` runs it itself)"
             )
+        verify_file(path, rebuild_hint=f"`{SELECT_COMMAND}` (the run's YAML)")
         try:
             d = json.loads(path.read_text())
         except (OSError, ValueError) as e:

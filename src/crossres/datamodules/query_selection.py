@@ -8,12 +8,15 @@ resolution until ``n_images`` are found; identities with fewer are passed over (
 manifest as ``rejected_identities``), until ``n_identities`` are chosen. Half of the chosen
 identities (seeded) are left out of the open-set gallery. The manifest (``manifest.py``)
 freezes the outcome; it is written atomically by one process and read by every process of a
-run (under DDP the launching process selects before the others start or join it).
+run (under DDP the launching process selects before the others start or join it). A manifest
+that fails its sha256 sidecar (damaged, or a write stopped before the sidecar) is selected
+again, with a warning naming it: the same step as for a missing one.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from crossres.datamodules.cr_data import CrossResolutionDataModule
 from crossres.datamodules.manifest import QueryManifest, QueryRecord, digest_lines, model_hash
 from crossres.datamodules.vggface2 import VGGFace2DataModule
 from crossres.datamodules.vggface2_layout import name_id, read_boxes
+from crossres.io import SIDECAR_SUFFIX, recorded_hash, sha256_file
 from crossres.models.base import FaceModel
 
 __all__ = ["manifest_reader", "prepare_queries", "select_queries"]
@@ -59,10 +63,30 @@ def prepare_queries(
     path = dm.manifest_path(hashes)
     if path is None:  # no manifest given and no model to name the default one
         return None
-    if select and models and not path.is_file():
+    if select and models and not _intact(path):
         return select_queries(dm, models, device=device, path=path)
     dm.use_manifest(path, model_hashes=hashes)
     return path
+
+
+def _intact(path: Path) -> bool:
+    """True when ``path`` is a manifest that matches its sidecar; False when it is missing,
+    or (with a warning naming it) damaged: either way the queries are selected (again)."""
+    if not path.is_file():
+        return False
+    expected, got = recorded_hash(path), sha256_file(path)
+    if got == expected:
+        return True
+    why = (
+        f"no {SIDECAR_SUFFIX} record beside it"
+        if expected is None
+        else f"sha256 {got[:16]}... differs from the recorded {expected[:16]}..."
+    )
+    warnings.warn(
+        f"query manifest {path} is damaged or incomplete ({why}); selecting the queries again",
+        stacklevel=3,
+    )
+    return False
 
 
 def select_queries(

@@ -17,6 +17,7 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+from crossres.errors import ConfigValueError
 from crossres.models.base import PretrainedConfig
 from crossres.models.resampling import low_resolution_size, upsample_to_model_input
 
@@ -39,7 +40,7 @@ def shrink(img: Image.Image, r: int | None) -> Image.Image:
     if r is None or r == ORIGINAL:
         return img
     if r < 0:
-        raise ValueError(f"resolution must be >= 0 (0 = original), got {r}")
+        raise ConfigValueError(f"resolution must be >= 0 (0 = original), got {r}")
     w, h = img.size
     if r >= w or r >= h:
         return img
@@ -93,7 +94,7 @@ class ResolutionTransform:
     ) -> None:
         self.resolution = ORIGINAL if resolution is None else int(resolution)
         if self.resolution < 0:
-            raise ValueError(f"resolution must be >= 0 (0 = original), got {resolution}")
+            raise ConfigValueError(f"resolution must be >= 0 (0 = original), got {resolution}")
         self.input_size = _as_hw(input_size)
         if min(self.input_size) < 1:
             raise ValueError(f"input_size must be positive, got {input_size}")
@@ -143,10 +144,10 @@ def check_resolutions(resolutions: Sequence[int | None]) -> list[int]:
     """Validated list of resolutions (None -> 0 = original), duplicates refused."""
     out = [ORIGINAL if r is None else int(r) for r in resolutions]
     if not out:
-        raise ValueError("resolutions must name at least one resolution (0 = original)")
+        raise ConfigValueError("resolutions must name at least one resolution (0 = original)")
     bad = [r for r in out if r < 0]
     if bad:
-        raise ValueError(f"resolutions must be >= 0 (0 = original), got {bad}")
+        raise ConfigValueError(f"resolutions must be >= 0 (0 = original), got {bad}")
     if len(set(out)) != len(out):
-        raise ValueError(f"resolutions must be distinct, got {out}")
+        raise ConfigValueError(f"resolutions must be distinct, got {out}")
     return out

@@ -1,18 +1,25 @@
-"""CMC and DET figures (matplotlib, saved to files).
+"""CMC, DET and rate-against-parameter figures (matplotlib, saved to files).
 
 Figures are built with ``matplotlib.figure.Figure`` directly, not pyplot: no global backend
 or figure registry is touched, so this is safe in headless runs and in callbacks. The DET
-curve is drawn as NIST IR 8271 does: FNIR against FPIR, both on log axes; points where a
-rate is 0 cannot be shown on a log axis and are left out of the line. The operating point
+curve is drawn as NIST IR 8271 does: FNIR against FPIR, both on log axes; a rate of 0
+cannot be shown on a log axis and is drawn on the axis edge (the axis labels say so). The operating point
 of ``functional.operating_point`` (FPIR@FNIR, default FNIR = 1e-2) is marked on each curve.
 Their W&B counterparts live next to the report, in ``crossres.report.wandb``.
+
+Readability rules every figure here follows: legends sit outside the axes (right of the last
+panel; ``bbox_inches="tight"`` keeps them in the file), so they never cover a curve; DET axis
+limits come from the data (the smallest positive rate shown on each axis, with a margin),
+not from a fixed decade range; rates carry their confidence interval as error bars and a
+band (``plot_rate_curves``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from matplotlib.figure import Figure
@@ -20,7 +27,23 @@ from torch import Tensor
 
 from crossres.metrics.functional import DetCurve, operating_point
 
-__all__ = ["as_mapping", "cmc_values", "plot_cmc", "plot_det"]
+__all__ = ["RatePoint", "as_mapping", "cmc_values", "plot_cmc", "plot_det", "plot_rate_curves"]
+
+LOG_MARGIN = 1.5  # DET axes start this factor below the smallest positive rate shown
+
+
+class RatePoint(NamedTuple):
+    """One point of a rate curve: x, the rate, and its interval (low, high)."""
+
+    x: float
+    rate: float
+    low: float
+    high: float
+
+
+def legend_outside(ax: Any, **kwargs: Any) -> Any:
+    """A legend right of ``ax``, outside it (so it covers no data)."""
+    return ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, **kwargs)
 
 
 def as_mapping(curves: Any, kind: type | tuple[type, ...], name: str) -> dict[str, Any]:
@@ -64,9 +87,9 @@ def plot_cmc(
     for label, values in data.items():
         ranks = list(range(1, len(values) + 1))
         ax.plot(ranks, values, marker="o", markersize=3, label=label, gid=f"cmc:{label}")
-    ax.set(xlabel="rank", ylabel="identification rate (hit rate)", ylim=(0, 1.02), title=title)
+    ax.set(xlabel="rank", ylabel="identification rate (hit rate)", ylim=(-0.02, 1.02), title=title)
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right")
+    legend_outside(ax, fontsize=8)
     _save(fig, path)
     return fig
 
@@ -85,34 +108,103 @@ def plot_det(
     ax = fig.add_subplot()
     ax.set_xscale("log")
     ax.set_yscale("log")
-    positive: list[float] = []
-    notes = []
+    xs: list[float] = []
+    ys: list[float] = [target_fnir]
+    prepared = []
     for label, curve in data.items():
         fpir = curve.fpir.detach().double().cpu()
         fnir = curve.fnir.detach().double().cpu()
-        shown = (fpir > 0) & (fnir > 0)
-        (line,) = ax.plot(
-            fpir[shown].tolist(), fnir[shown].tolist(), label=label, gid=f"det:{label}"
-        )
-        positive += fpir[fpir > 0].tolist() + fnir[fnir > 0].tolist()
+        xs += fpir[fpir > 0].tolist()
+        ys += fnir[fnir > 0].tolist()
+        prepared.append((label, curve, fpir, fnir))
+    xlim, ylim = data_limits(xs), data_limits(ys)
+    for label, curve, fpir, fnir in prepared:
+        # a rate of 0 has no place on a log axis: it is drawn on the axis edge
+        shown_x = fpir.clamp_min(xlim[0]).tolist()
+        shown_y = fnir.clamp_min(ylim[0]).tolist()
         op = operating_point(curve, target_fnir)
         if op.reached:
+            note = f"FPIR={float(op.fpir):.3g} @ FNIR={float(op.fnir):.3g}"
+        else:
+            note = f"FNIR<={target_fnir:g} not reached"
+        (line,) = ax.plot(
+            shown_x, shown_y, drawstyle="steps-post", label=f"{label}: {note}", gid=f"det:{label}"
+        )
+        if op.reached:
             ax.plot(
-                [float(op.fpir)],
-                [float(op.fnir)],
+                [max(float(op.fpir), xlim[0])],
+                [max(float(op.fnir), ylim[0])],
                 marker="o",
                 linestyle="none",
                 color=line.get_color(),
                 gid=f"operating-point:{label}",
             )
-            notes.append(f"{label}: FPIR={float(op.fpir):.4g} @ FNIR={float(op.fnir):.3g}")
-        else:
-            notes.append(f"{label}: FNIR<={target_fnir:g} not reached (FPIR=1)")
     ax.axhline(target_fnir, color="gray", linestyle="--", linewidth=0.8, gid="target-fnir")
-    low = min([*positive, target_fnir]) / 2
-    ax.set(xlim=(low, 1.05), ylim=(low, 1.05), xlabel="FPIR", ylabel="FNIR", title=title)
+    ax.set(
+        xlim=xlim,
+        ylim=ylim,
+        xlabel="FPIR (0 drawn on the left edge)",
+        ylabel="FNIR (0 drawn on the bottom edge)",
+        title=title,
+    )
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="upper right")
-    ax.text(0.02, 0.02, "\n".join(notes), transform=ax.transAxes, fontsize=7, va="bottom")
+    legend_outside(ax, fontsize=7)
+    _save(fig, path)
+    return fig
+
+
+def data_limits(values: list[float]) -> tuple[float, float]:
+    """Log-axis limits of rates: ``LOG_MARGIN`` below the smallest positive value and just
+    above the largest (at most 1.05, the rates' ceiling); (1e-3, 1.05) without data."""
+    positive = [v for v in values if v > 0 and math.isfinite(v)]
+    if not positive:
+        return 1e-3, 1.05
+    low, high = min(positive) / LOG_MARGIN, min(1.05, max(positive) * LOG_MARGIN)
+    return low, max(high, low * LOG_MARGIN**2)
+
+
+def plot_rate_curves(
+    panels: Mapping[str, Mapping[str, list[RatePoint]]],
+    path: str | Path | None = None,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str | None = None,
+) -> Figure:
+    """Rates against a parameter (e.g. DR success against delta): one panel per key of
+    ``panels``, one line per label, each point with its interval as an error bar and the
+    band between the interval bounds shaded. Lines carry gid ``"rate:<panel>:<label>"``."""
+    if not panels:
+        raise ValueError("plot_rate_curves needs at least one panel")
+    fig = Figure(figsize=(2.9 * len(panels) + 1.6, 3.0))
+    axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    xs_all = sorted({p.x for lines in panels.values() for pts in lines.values() for p in pts})
+    for ax, (name, lines) in zip(axes, panels.items(), strict=True):
+        for label, points in lines.items():
+            pts = sorted(points)
+            x = [p.x for p in pts]
+            y = [p.rate for p in pts]
+            lo = [p.low for p in pts]
+            hi = [p.high for p in pts]
+            err = [
+                [max(0.0, a - b) for a, b in zip(y, lo, strict=True)],
+                [max(0.0, b - a) for a, b in zip(y, hi, strict=True)],
+            ]
+            bars = ax.errorbar(x, y, yerr=err, marker="o", markersize=4, capsize=3, label=label)
+            bars.lines[0].set_gid(f"rate:{name}:{label}")
+            ax.fill_between(x, lo, hi, alpha=0.15, color=bars.lines[0].get_color(), linewidth=0)
+        ax.set(title=name, xlabel=xlabel, ylim=(-0.03, 1.03))
+        if xs_all:
+            ax.set_xticks(xs_all)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel(ylabel)
+    handles: dict[str, Any] = {}
+    for ax in axes:  # a label drawn in any panel, once
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    if handles:
+        legend_outside(axes[-1], handles=list(handles.values()), labels=list(handles), fontsize=7)
+    if title:
+        fig.suptitle(title, y=1.06)
     _save(fig, path)
     return fig

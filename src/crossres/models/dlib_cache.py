@@ -19,6 +19,7 @@ from crossres.io import atomic_torch_save, is_complete
 from crossres.models.dlib_format import DlibFormatError, dlib_state_dict, read_dlib_net
 from crossres.models.dlib_net import DLIB_CHIP_SIZE, DLIB_MEAN_RGB, DLIB_MODEL_FILE, DlibResNet29
 from crossres.paths import cache_dir, sha256_file
+from crossres.phases import mark
 
 
 def packaged_dlib_model_path() -> Path:
@@ -81,6 +82,7 @@ def converted_dlib_weights(
             "record or does not fit DlibResNet29",
             stacklevel=2,
         )
+    mark("convert")
     net = read_dlib_net(path)
     if not np.allclose(net.input_mean_rgb, DLIB_MEAN_RGB, rtol=0, atol=1e-4) or net.input_size != (
         DLIB_CHIP_SIZE,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from crossres.errors import ConfigValueError
 from crossres.models.base import FaceModel
 
 _REGISTRY: dict[str, Callable[..., FaceModel]] = {}
@@ -34,7 +35,7 @@ def build_model(name: str, weights: str | None = None, **options) -> FaceModel:
 
         return build_timm_model(name.removeprefix("timm/"), weights=weights, **options)
     if name not in _REGISTRY:
-        raise ValueError(
+        raise ConfigValueError(
             f"unknown model {name!r}; registered: {', '.join(list_models())}, "
             "or 'timm/<any timm model name>'"
         )

@@ -31,9 +31,16 @@ from crossres.io import atomic_torch_save, is_complete, sidecar_path, verify_fil
 from crossres.models.base import FaceModel
 from crossres.models.fingerprint import model_hash, state_hash
 from crossres.paths import cache_dir
+from crossres.phases import mark
 from crossres.types import Gallery
 
-__all__ = ["TemplateNorm", "compute_templates", "load_templates", "templates_path"]
+__all__ = [
+    "TemplateNorm",
+    "compute_templates",
+    "gallery_image_features",
+    "load_templates",
+    "templates_path",
+]
 
 TemplateNorm = Literal["none", "before", "after", "both"]
 _NORMS = ("none", "before", "after", "both")
@@ -207,6 +214,7 @@ def compute_templates(
             skipped = [tuple(s) for s in state["skipped"]]
             feature_dim = sums.shape[1]
 
+    mark("templates")
     mine = list(range(rank, len(dataset), world))
     loader = DataLoader(
         Subset(dataset, mine[done:]),
@@ -322,3 +330,40 @@ def compute_templates(
             partial.unlink(missing_ok=True)
             sidecar_path(partial).unlink(missing_ok=True)
     return gallery
+
+
+def gallery_image_features(
+    model: FaceModel, dataloader: DataLoader
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-image deep features of the gallery: ``(features [N, D] float32, identities [N],
+    sample_ids [N])`` on the CPU, in loader order, for the readable images of ``dataloader``
+    (original resolution only, as for the templates; unreadable ones skipped with a warning).
+
+    Not sharded under DDP (every process sees every image): meant for small galleries, e.g.
+    the training set of a classification head. The model is put in eval mode and restored.
+    """
+    device = _model_device(model)
+    feats, ids, sids, skipped = [], [], [], []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in dataloader:
+                skipped.extend(getattr(batch, "skipped", []))
+                if len(batch) == 0:
+                    continue
+                if bool((batch.resolution != 0).any()):
+                    raise ValueError(
+                        "gallery features are taken at the original resolution, but the "
+                        f"dataloader yields resolutions {sorted(set(batch.resolution.tolist()))}; "
+                        "use the datamodule's gallery_dataloader()"
+                    )
+                feats.append(model.features(batch.images.to(device)).float().cpu())
+                ids.append(batch.identity.cpu())
+                sids.append(batch.sample_id.cpu())
+    finally:
+        model.train(was_training)
+    _warn_skipped(skipped)
+    if not feats:
+        raise ValueError("the gallery dataloader yielded no readable image")
+    return torch.cat(feats), torch.cat(ids).long(), torch.cat(sids).long()

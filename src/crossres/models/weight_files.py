@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from crossres.errors import CrossresError
 from crossres.models.weight_pickles import (
     NumpyUnpickler,
     Refused,
@@ -28,7 +29,7 @@ from crossres.models.weight_pickles import (
 __all__ = ["FORMATS", "WeightFileError", "detect_format", "read_tensors"]
 
 
-class WeightFileError(ValueError):
+class WeightFileError(CrossresError, ValueError):
     """A weight file that cannot be read or does not fit the model; ``problems`` lists each
     offending key (or other cause), one per line of the message."""
 
@@ -39,6 +40,10 @@ class WeightFileError(ValueError):
         if self.problems:
             text += "\n  - " + "\n  - ".join(self.problems)
         super().__init__(text)
+
+
+class MissingWeightFileError(CrossresError, FileNotFoundError):
+    """The weight file named in the configuration is not there."""
 
 
 # ----------------------------------------------------------------------------- format detection
@@ -54,7 +59,7 @@ def detect_format(path: str | Path) -> str:
     """ "torch-zip", "torch-legacy", "pickle" (protocol 2-5) or "safetensors", from the bytes."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weight file {str(path)!r} does not exist (or is not a file)")
+        raise MissingWeightFileError(f"weight file {str(path)!r} does not exist (or is not a file)")
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(64)

@@ -3,6 +3,15 @@ gets what the registries offer, extracts the recorded photos, checks every hash 
 manifest of what is present; :func:`load_embedded_faces` reads it back, re-checking the hashes.
 Where a source cannot be reached (no apt, say), the fetch says so on stderr and goes on with
 what it has.
+
+Crash safety: every file is written atomically (``crossres.io``; archives by the registry
+module, into a temporary folder renamed when whole). Photos and archives are checked against
+the sha256 in the committed record; the manifest, which the record cannot predict (it lists
+only the sources reached), gets a ``manifest.json.sha256`` sidecar. A damaged photo or
+manifest is refused by name with ``crossres fetch-faces``, which restores it (a photo from
+its verified archive, the manifest by rewriting it, with no download); a damaged archive is
+refused by name, to be deleted and fetched again. ``EmbeddedFacesDataModule.prepare_data``
+refetches by itself when the manifest is missing or damaged.
 """
 
 from __future__ import annotations
@@ -21,16 +30,26 @@ from crossres.datamodules.faces.record import (
     FacePhoto,
     FacesNotFetchedError,
     HashMismatchError,
+    ManifestCorruptError,
     PhotoRecord,
     load_record,
     record_path,
 )
 from crossres.datamodules.faces.registry import Unreachable, download_archive
-from crossres.io import atomic_write_bytes, sha256_bytes, sha256_file
+from crossres.io import (
+    CorruptFileError,
+    atomic_write_bytes,
+    is_complete,
+    sha256_bytes,
+    sha256_file,
+    verify_file,
+)
 from crossres.paths import cache_dir
+from crossres.phases import mark
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = 1
+REBUILD_HINT = "`crossres fetch-faces` (or `make data`), which rewrites it without downloading"
 
 
 @contextlib.contextmanager
@@ -98,6 +117,7 @@ def _ensure_source(rec: ArchiveRecord, root: Path, log, warn) -> None:
             todo[p.member] = p
     if not todo:
         return
+    mark("fetch")
     archive = root / "archives" / rec.filename
     if archive.exists():
         got = sha256_file(archive)
@@ -192,8 +212,8 @@ def fetch_faces(*, cache: Path | str | None = None, verbose: bool = True) -> Pat
         }
         data = (json.dumps(manifest, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
         path = root / MANIFEST_NAME
-        if not path.exists() or path.read_bytes() != data:
-            atomic_write_bytes(path, data)
+        if not is_complete(path) or path.read_bytes() != data:
+            atomic_write_bytes(path, data, sidecar=True)
     if not photos:
         warn("no source could be reached: the manifest lists no photo")
     return path
@@ -210,6 +230,7 @@ def _read_manifest(root: Path) -> dict:
             f"no embedded faces in {root} (no {MANIFEST_NAME}): {FETCH_HINT} first "
             "(set $CROSSRES_CACHE to use another cache folder)"
         )
+    _verify_manifest(root, path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
@@ -220,6 +241,23 @@ def _read_manifest(root: Path) -> dict:
             f"{FETCH_HINT} again"
         )
     return data
+
+
+def _verify_manifest(root: Path, path: Path) -> None:
+    """Check the manifest against its sidecar, and on a mismatch once more under the fetch
+    lock: a fetch in another process may be between writing the two files."""
+    try:
+        verify_file(path, rebuild_hint=REBUILD_HINT)
+        return
+    except CorruptFileError as e:
+        first = str(e)
+    try:
+        with _locked(root):
+            verify_file(path, rebuild_hint=REBUILD_HINT)
+    except CorruptFileError as e:
+        raise ManifestCorruptError(str(e)) from None
+    except OSError:  # a read-only cache cannot be locked: the first verdict stands
+        raise ManifestCorruptError(first) from None
 
 
 def load_manifest(*, cache: Path | str | None = None) -> dict:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from crossres.errors import CrossresError, NotPreparedError
+from crossres.io import CorruptFileError
 
 RECORD_FORMAT = 1
 FETCH_HINT = "run `crossres fetch-faces` (or `make data`)"
@@ -27,6 +28,11 @@ class EmbeddedFacesError(CrossresError, RuntimeError):
 
 class FacesNotFetchedError(EmbeddedFacesError, NotPreparedError):
     """No manifest in the cache: the faces were never fetched there."""
+
+
+class ManifestCorruptError(EmbeddedFacesError, CorruptFileError):
+    """The cache's manifest does not match its sha256 sidecar (damaged, or a write stopped
+    before the sidecar); ``crossres fetch-faces`` rewrites it."""
 
 
 class HashMismatchError(EmbeddedFacesError):
