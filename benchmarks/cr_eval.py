@@ -10,7 +10,7 @@ and the full embedded set's; never trained on), for Base and each CR model:
    distance between query photos of different people), since a model could shrink every
    distance by shrinking its space. Paired Wilcoxon signed-rank test CR vs Base (Holm over
    the resolutions). The same on the holdout: the training photos kept out of training, on
-   which the recipe was chosen (the queries were not looked at to choose it).
+   which recipes are to be compared (never on the queries).
 2. clean rank-1 hit rate of the mated queries per resolution (templates: each model's own, at
    full resolution; Euclidean scoring as dlib's), Wilson 95% intervals, exact McNemar p
    (Holm over the resolutions).

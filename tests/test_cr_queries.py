@@ -1,7 +1,7 @@
 """The default's CR model never trains on a query: the photos ``configs/cr_dlib.yaml``'s
 training loader yields are disjoint (sample ids and face keys) from the queries of
-``configs/default.yaml``'s datamodule and of the full embedded set (``EmbeddedFacesDataModule``'s
-defaults: every mated query, uncapped; and ``configs/embedded_full.yaml`` where it exists).
+``configs/default.yaml``'s datamodule and of the full embedded set (``configs/embedded_full.yaml``)
+and of ``EmbeddedFacesDataModule``'s defaults.
 
 The training set is read from what the recipe's own ``train_dataloader`` would load (its
 dataset's table, through the ``Subset`` rows), not from the split code's bookkeeping."""
@@ -69,11 +69,9 @@ def test_training_photos_are_no_query_of_the_default_or_the_full_set(faces):
 
     query_sets = {
         "configs/default.yaml": data_args(ROOT / "configs" / "default.yaml"),
-        "full embedded set (EmbeddedFacesDataModule defaults)": {},
+        "configs/embedded_full.yaml": data_args(ROOT / "configs" / "embedded_full.yaml"),
+        "EmbeddedFacesDataModule defaults": {},
     }
-    full = ROOT / "configs" / "embedded_full.yaml"
-    if full.is_file():
-        query_sets["configs/embedded_full.yaml"] = data_args(full)
     for name, args in query_sets.items():
         q_ids, q_keys = queries_of(args, faces)
         assert q_ids, name
@@ -81,8 +79,9 @@ def test_training_photos_are_no_query_of_the_default_or_the_full_set(faces):
         assert train_keys.isdisjoint(q_keys), f"CR training faces among the queries of {name}"
 
     # every photo that is no query of the full set is either trained on or held out
-    all_dm = EmbeddedFacesDataModule(faces_cache=faces)
+    full_args = data_args(ROOT / "configs" / "embedded_full.yaml")
+    all_dm = EmbeddedFacesDataModule(**{**full_args, "faces_cache": faces})
     all_dm.setup("test")
     n_faces = len(all_dm.split_record)
-    q_ids, _ = queries_of({}, faces)
+    q_ids, _ = queries_of(full_args, faces)
     assert len(train_ids) + len(held_ids) + len(q_ids) == n_faces

@@ -55,9 +55,10 @@ CR_HOLDOUT = 48
 
 #: ``configs/cr_dlib.yaml``: the CR fine-tune of dlib's embedder, label-free (distillation from
 #: the frozen full-resolution dlib), on every embedded photo that is no query of the uncapped
-#: split (the gallery photos and the single-face distractors: what ``EmbeddedFacesDataModule``'s
-#: defaults leave out of their queries, a superset of the default run's queries), less a seeded
-#: holdout of ``CR_HOLDOUT`` photos on which the recipe was chosen (never the queries); with
+#: split with 50 single-photo queries (the gallery photos and the single-face distractors: what
+#: ``configs/embedded_full.yaml`` leaves out of its queries, and the default run's queries are a
+#: subset of the full set's), less a seeded
+#: holdout of ``CR_HOLDOUT`` photos to judge recipes on (never the queries); with
 #: augmentation; the final weights are used. ``tests/test_cr_training.py`` checks the file and
 #: this dict agree; ``tests/test_cr_queries.py`` that no query is trained on.
 CR_DLIB_RECIPE: dict[str, Any] = {
@@ -99,7 +100,15 @@ CR_DLIB_RECIPE: dict[str, Any] = {
         "init_args": {
             "source": {
                 "class_path": "crossres.datamodules.embedded.EmbeddedFacesDataModule",
-                "init_args": {"seed": 0, "batch_size": 16, "resolutions": [16, 24, 64, 256]},
+                "init_args": {
+                    "seed": 0,
+                    # the queries reserved from training: those of configs/embedded_full.yaml
+                    # (every mated query uncapped, 50 single-photo non-mated queries), a
+                    # superset of configs/default.yaml's
+                    "n_single_queries": 50,
+                    "batch_size": 16,
+                    "resolutions": [16, 24, 64, 256],
+                },
             },
             "augmentation": {
                 "flip": 0.5,
