@@ -10,6 +10,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -94,6 +95,55 @@ def test_resolution_sampler_follows_two_to_the_int_of_3_plus_5u():
         sample_training_resolution(0, 1, exponents=(5, 5))
     with pytest.raises(ValueError, match="non-negative"):
         sample_training_resolution(-1, 0)
+
+
+def test_log_uniform_sampler_follows_its_cdf_and_covers_every_size():
+    lo, hi, n = 3, 7, 6000
+    draws = [
+        sample_training_resolution(4, 0, k, exponents=(lo, hi), sampling="log_uniform")
+        for k in range(n)
+    ]
+    assert min(draws) >= 2**lo and max(draws) < 2**hi
+    # analytic: r = int(2**(lo + (hi - lo) u)) < m  <=>  u < (log2(m) - lo) / (hi - lo), m int
+    edges = [8, 12, 16, 20, 24, 32, 48, 64, 96, 128]
+    expected = np.diff([(np.log2(m) - lo) / (hi - lo) for m in edges]) * n
+    observed = np.histogram(draws, bins=edges)[0]
+    assert observed.sum() == n
+    assert stats.chisquare(observed, expected).pvalue > 1e-3
+    assert {16, 24, 64} <= set(draws)  # the benchmark's low resolutions are trained on
+    assert draws[:50] == [
+        sample_training_resolution(4, 0, k, exponents=(lo, hi), sampling="log_uniform")
+        for k in range(50)
+    ]
+    with pytest.raises(ValueError, match="sampling"):
+        sample_training_resolution(0, 1, sampling="uniform")
+    lm = make_module(seed=3, exponents=(3, 7), resolution_sampling="log_uniform")
+    assert [lm.training_resolution(b, epoch=1) for b in range(20)] == [
+        sample_training_resolution(3, 1, b, exponents=(3, 7), sampling="log_uniform")
+        for b in range(20)
+    ]
+
+
+def test_holdout_is_kept_out_of_training_and_seeded():
+    src = make_source(n_images=6)
+    src.setup("fit")
+    gallery = src.gallery_table().sample_id.tolist()
+    dm = CrossResolutionDataModule(src, holdout=5, seed=2)
+    train = [int(b.sample_id[i]) for b in dm.train_dataloader() for i in range(len(b))]
+    held = [int(b.sample_id[i]) for b in dm.holdout_dataloader() for i in range(len(b))]
+    assert len(held) == 5 and len(set(train)) == len(train) == len(gallery) - 5
+    assert set(train).isdisjoint(held) and set(train) | set(held) == set(gallery)
+    again = CrossResolutionDataModule(src, holdout=5, seed=2).holdout_rows()
+    assert (
+        again
+        == dm.holdout_rows()
+        != CrossResolutionDataModule(src, holdout=5, seed=3).holdout_rows()
+    )
+    assert CrossResolutionDataModule(src, holdout=0).training_rows() == list(range(len(gallery)))
+    with pytest.raises(ValueError, match="holdout"):
+        CrossResolutionDataModule(src, holdout=-1)
+    with pytest.raises(ValueError, match="nothing to train"):
+        CrossResolutionDataModule(src, holdout=len(gallery)).training_rows()
 
 
 def test_module_draws_one_resolution_per_batch_keyed_by_epoch_and_batch():

@@ -7,7 +7,9 @@ embedded photos, synthetic faces):
 - ``train_dataloader``: the source's gallery images at the original resolution, shuffled
   (seeded). For VGGFace2 these are the training images that are not in the query split (the
   paper's queries are never trained on); for the embedded photos, the gallery photos and the
-  single-face distractors, never the query photos.
+  single-face distractors, never the query photos. ``holdout`` photos of these (seeded) are
+  kept out of training (``holdout_table``/``holdout_dataloader``): a validation split of the
+  training photos, on which a recipe is chosen without looking at the queries.
 - ``val_dataloader``: the source's queries at every resolution (its ``test_dataloader``,
   sharded exactly under DDP); ``gallery_dataloader`` for the validation templates, optionally
   restricted to the query identities plus ``val_gallery_identities`` others (seeded), since
@@ -122,7 +124,10 @@ class CrossResolutionDataModule(pl.LightningDataModule):
     val_gallery_identities: None: every gallery identity gets a template in validation; an int:
         the query identities plus that many other identities (seeded by ``seed``).
     input_size, resize_shortest: passed on to ``source`` (None: keep its own).
-    seed: seeds the augmentation (with the process rank) and the validation gallery subset.
+    holdout: how many of the source's gallery photos (seeded by ``seed``) are held out of
+        training as a validation split (0: none).
+    seed: seeds the augmentation (with the process rank), the holdout and the validation
+        gallery subset.
     """
 
     def __init__(
@@ -131,6 +136,7 @@ class CrossResolutionDataModule(pl.LightningDataModule):
         *,
         augmentation: FaceAugmentation | None = None,
         val_gallery_identities: int | None = None,
+        holdout: int = 0,
         input_size: int | None = None,
         resize_shortest: int | None = None,
         seed: int = 0,
@@ -145,7 +151,10 @@ class CrossResolutionDataModule(pl.LightningDataModule):
             raise ValueError(
                 f"val_gallery_identities must be >= 0 or None, got {val_gallery_identities}"
             )
+        if holdout < 0:
+            raise ValueError(f"holdout must be >= 0, got {holdout}")
         self.source = source
+        self.holdout = int(holdout)
         self.augmentation = augmentation
         self.val_gallery_identities = val_gallery_identities
         self.seed = int(seed)
@@ -178,8 +187,9 @@ class CrossResolutionDataModule(pl.LightningDataModule):
     def describe(self) -> dict[str, Any]:
         d = self.source.describe()
         d.update(
-            training="gallery split at the original resolution",
-            n_train_images=len(self.source.gallery_table()),
+            training="gallery split at the original resolution, less the holdout",
+            n_train_images=len(self.training_rows()),
+            n_holdout_images=self.holdout,
             augmentation=None if self.augmentation is None else vars(self.augmentation),
             val_gallery_identities=self.val_gallery_identities,
         )
@@ -192,9 +202,48 @@ class CrossResolutionDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.source.setup(stage)
 
+    # ------------------------------------------------------------ training and holdout rows
+    def _holdout_rows(self) -> list[int]:
+        table = self.source.gallery_table()
+        if self.holdout >= len(table):
+            raise ValueError(
+                f"holdout {self.holdout} leaves nothing to train on ({len(table)} gallery photos)"
+            )
+        order = seeded_order([str(int(s)) for s in table.sample_id], self.seed, "cr-holdout")
+        return sorted(order[: self.holdout])
+
+    def training_rows(self) -> list[int]:
+        """Rows of the source's gallery table that training uses (all but the holdout)."""
+        held = set(self._holdout_rows())
+        return [i for i in range(len(self.source.gallery_table())) if i not in held]
+
+    def holdout_rows(self) -> list[int]:
+        """Rows of the source's gallery table held out of training (the validation split)."""
+        return self._holdout_rows()
+
+    def _rows_loader(self, rows: list[int], **kwargs: Any) -> DataLoader:
+        dataset = self.source.gallery_dataset()
+        return DataLoader(
+            Subset(dataset, rows),
+            batch_size=self.source.batch_size,
+            num_workers=self.source.num_workers,
+            collate_fn=dataset.collate,
+            **kwargs,
+        )
+
     # ------------------------------------------------------------ loaders
     def train_dataloader(self) -> DataLoader:
-        return self.source.train_dataloader()
+        """The training photos (gallery less holdout) at the original resolution, shuffled
+        (seeded as the source's own train loader)."""
+        if self.holdout == 0:
+            return self.source.train_dataloader()
+        g = torch.Generator()
+        g.manual_seed(self.source.seed)
+        return self._rows_loader(self.training_rows(), shuffle=True, generator=g)
+
+    def holdout_dataloader(self) -> DataLoader:
+        """The held-out training photos at the original resolution, in table order."""
+        return self._rows_loader(self.holdout_rows(), shuffle=False)
 
     def val_dataloader(self) -> DataLoader:
         return self.source.test_dataloader()

@@ -39,21 +39,34 @@ from crossres.io import (
 from crossres.models.dlib_resnet import packaged_dlib_model_path
 from crossres.paths import cache_dir
 
-__all__ = ["CR_DLIB_RECIPE", "CRWeights", "cr_dlib_weights_path", "ensure_cr_dlib_weights"]
+__all__ = [
+    "CR_DLIB_RECIPE",
+    "CR_HOLDOUT",
+    "CRWeights",
+    "cr_dlib_weights_path",
+    "ensure_cr_dlib_weights",
+]
 
 #: Runs a LightningCLI command line (``["fit", "--config", ...]``): ``crossres.cli.run_lightning``.
 FitRunner = Callable[[Sequence[str]], object]
 
-#: ``configs/cr_dlib.yaml``: the CR fine-tune of dlib's embedder on the embedded photos' gallery
-#: split (never their queries), label-free, with augmentation; the final weights are used (no
-#: selection on the validation queries, which are the benchmark's). ``tests/test_cr_training.py``
-#: checks the file and this dict agree.
+#: Photos of the training pool held out as the validation split (``configs/cr_dlib.yaml``).
+CR_HOLDOUT = 48
+
+#: ``configs/cr_dlib.yaml``: the CR fine-tune of dlib's embedder, label-free (distillation from
+#: the frozen full-resolution dlib), on every embedded photo that is no query of the uncapped
+#: split with 50 single-photo queries (the gallery photos and the single-face distractors: what
+#: ``configs/embedded_full.yaml`` leaves out of its queries, and the default run's queries are a
+#: subset of the full set's), less a seeded
+#: holdout of ``CR_HOLDOUT`` photos to judge recipes on (never the queries); with
+#: augmentation; the final weights are used. ``tests/test_cr_training.py`` checks the file and
+#: this dict agree; ``tests/test_cr_queries.py`` that no query is trained on.
 CR_DLIB_RECIPE: dict[str, Any] = {
     "seed_everything": 0,
     "trainer": {
         "accelerator": "cpu",
         "devices": 1,
-        "max_epochs": 2,
+        "max_epochs": 6,
         "limit_val_batches": 0,
         "num_sanity_val_steps": 0,
         "log_every_n_steps": 5,
@@ -73,7 +86,8 @@ CR_DLIB_RECIPE: dict[str, Any] = {
         "init_args": {
             "model": "dlib_resnet29",
             "label_free": True,
-            "exponents": [3, 8],
+            "exponents": [3, 7],
+            "resolution_sampling": "log_uniform",
             "lr": 0.01,
             "momentum": 0.9,
             "weight_decay": 0.0,
@@ -86,7 +100,15 @@ CR_DLIB_RECIPE: dict[str, Any] = {
         "init_args": {
             "source": {
                 "class_path": "crossres.datamodules.embedded.EmbeddedFacesDataModule",
-                "init_args": {"seed": 0, "batch_size": 16, "resolutions": [16, 24, 64, 256]},
+                "init_args": {
+                    "seed": 0,
+                    # the queries reserved from training: those of configs/embedded_full.yaml
+                    # (every mated query uncapped, 50 single-photo non-mated queries), a
+                    # superset of configs/default.yaml's
+                    "n_single_queries": 50,
+                    "batch_size": 16,
+                    "resolutions": [16, 24, 64, 256],
+                },
             },
             "augmentation": {
                 "flip": 0.5,
@@ -95,6 +117,7 @@ CR_DLIB_RECIPE: dict[str, Any] = {
                 "contrast": 0.2,
                 "saturation": 0.2,
             },
+            "holdout": CR_HOLDOUT,
             "seed": 0,
         },
     },

@@ -40,6 +40,7 @@ from torch import nn
 from crossres.lightning_modules.cr_export import StudentExport  # noqa: F401  (configs name it here)
 from crossres.lightning_modules.cr_resolution import (
     ResolutionReference,
+    ResolutionSampling,
     degrade_batch,
     input_resolution,
     sample_training_resolution,
@@ -67,6 +68,8 @@ class CrossResolutionDistillation(pl.LightningModule):
         (the model's classes must be the datamodule's identities); None: label-free exactly
         when the model has no classifier.
     exponents: training resolutions ``2**int(lo + (hi - lo) u)``; (3, 8): 8 to 128 px.
+    resolution_sampling: "paper" (the above) or "log_uniform" (``int(2**(lo + (hi - lo) u))``,
+        every size in between); see ``sample_training_resolution``.
     resolution_reference: what a resolution measures, "source" (default, the benchmark's) or
         "input" (the tensor); see ``input_resolution``.
     lr, momentum, weight_decay: SGD's (the paper's values by default).
@@ -85,6 +88,7 @@ class CrossResolutionDistillation(pl.LightningModule):
         feature_weight: float = 0.1,
         label_free: bool | None = None,
         exponents: tuple[int, int] = (3, 8),
+        resolution_sampling: ResolutionSampling = "paper",
         resolution_reference: ResolutionReference = "source",
         lr: float = 1e-3,
         momentum: float = 0.9,
@@ -108,7 +112,8 @@ class CrossResolutionDistillation(pl.LightningModule):
             raise ValueError(f"similarity must be 'cosine' or 'neg_euclidean', got {similarity!r}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
-        sample_training_resolution(seed, 0, exponents=exponents)  # validates the exponents
+        # validates the exponents and the sampling
+        sample_training_resolution(seed, 0, exponents=exponents, sampling=resolution_sampling)
         input_resolution(8, PretrainedConfig(), reference=resolution_reference)
         self.save_hyperparameters()
 
@@ -142,6 +147,7 @@ class CrossResolutionDistillation(pl.LightningModule):
                 p.requires_grad_(False)
         self.feature_weight = float(feature_weight)
         self.exponents = (int(exponents[0]), int(exponents[1]))
+        self.resolution_sampling: ResolutionSampling = resolution_sampling
         self.resolution_reference = resolution_reference
         self.templates = templates
         self.similarity = similarity
@@ -205,7 +211,13 @@ class CrossResolutionDistillation(pl.LightningModule):
     def training_resolution(self, batch_idx: int, epoch: int | None = None) -> int:
         """The (source) resolution of batch ``batch_idx`` of ``epoch`` (default: the current)."""
         epoch = self.current_epoch if epoch is None else epoch
-        return sample_training_resolution(self.seed, epoch, batch_idx, exponents=self.exponents)
+        return sample_training_resolution(
+            self.seed,
+            epoch,
+            batch_idx,
+            exponents=self.exponents,
+            sampling=self.resolution_sampling,
+        )
 
     def low_resolution(self, images: torch.Tensor, resolution: int) -> torch.Tensor:
         r = input_resolution(resolution, self.input_config(), reference=self.resolution_reference)
