@@ -215,8 +215,13 @@ def raw_keys(run_dir: Path) -> Counter:
     return counts
 
 
-# float columns that carry a model's arithmetic (l0 is a count: compared exactly)
-MEASURED = ("l2", "linf", "mate_score", "best_nonmate_score", "open_mate_score", "open_top_score")
+# float columns that carry a model's arithmetic: every float column of a row (new scores
+# included as the store gains them) but timings and l0, a count compared exactly
+MEASURED = tuple(
+    f.name
+    for f in dataclasses.fields(ResultRow)
+    if str(f.type).startswith("float") and f.name not in ("seconds", "l0")
+)
 
 
 def _same(name: str, a, b, rel_tol: float, abs_tol: float) -> bool:
