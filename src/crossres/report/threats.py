@@ -21,6 +21,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import matplotlib
 import torch
 from matplotlib.figure import Figure
 
@@ -303,18 +304,28 @@ def verification_section(rows: Sequence[ResultRow], fig_dir: Path) -> list[str]:
 
 
 def plot_rocs(rocs: dict[str, tuple], path: Path, *, title: str) -> None:
-    """TAR against FAR (log x axis; FAR = 0 points drawn at the axis floor)."""
-    fig = Figure(figsize=(4.5, 3.5))
+    """TAR against FAR (log x axis; FAR = 0 points drawn at the axis floor, which comes from the
+    data: half the smallest non-zero FAR, at most 1e-3 so both marked FARs show). One colour
+    per attack configuration (clean in black), solid for dodging, dashed for impersonation;
+    the legend sits outside the axes so that it never covers a curve."""
+    fig = Figure(figsize=(6.5, 3.5))
     ax = fig.add_subplot(1, 1, 1)
-    floor = 1e-4
+    nonzero = [float(r.far[r.far > 0].min()) for r in rocs.values() if bool((r.far > 0).any())]
+    floor = min([1e-3, *(f / 2 for f in nonzero)])
+    attacks = list(dict.fromkeys(label.split(":")[0] for label in rocs if ":" in label))
+    cmap = matplotlib.colormaps["tab20"]
+    colours = {a: cmap(i % 20) for i, a in enumerate(attacks)}
     for label, roc in rocs.items():
+        attack, _, kind = label.partition(":")
+        colour = colours.get(attack, "black")
+        style = "--" if "impersonation" in kind or "impersonation" in attack else "-"
         far = roc.far.clamp(min=floor).numpy()
-        ax.step(far, roc.tar.numpy(), where="post", label=label)
+        ax.step(far, roc.tar.numpy(), where="post", label=label, color=colour, ls=style, lw=1.2)
     for far in FARS:
-        ax.axvline(far, color="grey", lw=0.5, ls="--")
+        ax.axvline(far, color="grey", lw=0.5, ls=":")
     ax.set(xscale="log", xlim=(floor, 1.0), ylim=(-0.02, 1.02), xlabel="FAR", ylabel="TAR")
     ax.set_title(title)
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
