@@ -32,7 +32,7 @@ from crossres.store import CLEAN, ResultRow
 
 TARGET_FNIR = 1e-2
 CONFIDENCE = 0.95
-N_RESAMPLES = 2000  # bootstrap resamples per interval (>= 1000: the tails rest on ~50 each)
+N_RESAMPLES = 1000  # bootstrap resamples per interval (>= 1000: the 2.5% tails rest on 25 each)
 SEED = 0  # every bootstrap interval of a report uses this seed: rerunning gives the same text
 FEATURE_OBJECTIVES = ("impersonation", "dodging")
 NORMS = ("l2", "l0", "linf")
