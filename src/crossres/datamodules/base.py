@@ -24,13 +24,13 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from crossres.datamodules.resolution import ORIGINAL, ResolutionTransform, check_resolutions
 from crossres.errors import CrossresError
 from crossres.models.base import PretrainedConfig
+from crossres.models.runtime import distributed_info  # noqa: F401  (re-exported)
 from crossres.types import FaceBatch
 
 PAPER_RESOLUTIONS = (16, 24, 64, 256)
@@ -275,13 +275,6 @@ class OpenSetSplit:
         """True for the gallery templates the open-set gallery keeps."""
         drop = torch.tensor(sorted(self.non_mated), dtype=ids.dtype, device=ids.device)
         return ~torch.isin(ids, drop)
-
-
-def distributed_info() -> tuple[int, int]:
-    """(rank, world_size) of the running process group, (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 class MultiResolutionDataModule(pl.LightningDataModule):

@@ -31,6 +31,7 @@ from crossres.datamodules.vggface2 import VGGFace2DataModule
 from crossres.datamodules.vggface2_layout import name_id, read_boxes
 from crossres.io import SIDECAR_SUFFIX, recorded_hash, sha256_file
 from crossres.models.base import FaceModel
+from crossres.models.runtime import model_device
 
 __all__ = ["manifest_reader", "prepare_queries", "select_queries"]
 
@@ -141,7 +142,7 @@ def _select(
             "or n_images, or raise query_fraction"
         )
     order = [eligible[i] for i in seeded_order(eligible, dm.seed, "identity")]
-    states = [(m, m.training, _model_device(m)) for m in models]
+    states = [(m, m.training, model_device(m)) for m in models]
     run_device = torch.device(device) if device is not None else states[0][2]
     selected: list[QueryRecord] = []
     chosen: list[str] = []
@@ -242,11 +243,3 @@ def _select_identity(
         if len(picked) == dm.n_images:
             break
     return picked, seen
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")

@@ -55,8 +55,8 @@ from torch.utils.data import DataLoader
 from crossres.io import atomic_torch_save, json_hash, verify_file
 from crossres.models.base import FaceModel, PretrainedConfig
 from crossres.models.fingerprint import model_hash, state_hash
+from crossres.models.runtime import cache_directory, distributed_info
 from crossres.models.templates import gallery_image_features
-from crossres.paths import cache_dir
 
 __all__ = [
     "HEAD_RECIPE",
@@ -336,12 +336,6 @@ def _check_disjoint(train_ids: torch.Tensor, queries: set[int], where: str) -> N
         )
 
 
-def _distributed() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _load(path: Path, expected: dict[str, Any]) -> dict[str, Any] | None:
     """The cached blob, or None (with a warning) when it is damaged or made for another key."""
     try:
@@ -411,21 +405,9 @@ def train_head(
     queries = _query_set(query_ids)
     dataset = gallery_loader.dataset
     man_hash = manifest_hash if manifest_hash is not None else getattr(dataset, "manifest_hash", "")
-    if cache is None:
-        directory = cache_dir("heads") if man_hash else None
-    elif cache is False:
-        directory = None
-    elif cache is True:
-        directory = cache_dir("heads")
-    else:
-        directory = Path(cache)
-    if directory is not None and not man_hash:
-        raise ValueError(
-            "caching a head needs a manifest hash (argument manifest_hash= or the dataset's "
-            "manifest_hash), or pass cache=False"
-        )
+    directory = cache_directory("heads", cache, man_hash)
     recipe = {**HEAD_RECIPE, "l2": HEAD_RECIPE["l2"] if l2 is None else float(l2)}
-    rank, world = _distributed()
+    rank, world = distributed_info()
     blob: dict[str, Any] | None = None
     if rank == 0:
         path = None

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Subset
 from crossres.io import atomic_torch_save, is_complete, sidecar_path, verify_file
 from crossres.models.base import FaceModel
 from crossres.models.fingerprint import model_hash, state_hash
-from crossres.paths import cache_dir
+from crossres.models.runtime import cache_directory, distributed_info, model_device
 from crossres.phases import mark
 from crossres.types import Gallery
 
@@ -47,13 +47,6 @@ _NORMS = ("none", "before", "after", "both")
 TEMPLATES_FORMAT = "crossres-templates-v1"
 #: What rebuilds a templates file (``compute_templates`` recomputes a damaged one itself).
 REBUILD_HINT = "delete it and run `crossres gallery --config <your config>`"
-
-
-def _distributed_info() -> tuple[int, int]:
-    """(rank, world_size) of the running process group, (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _warn_skipped(skipped: Sequence[tuple[str, str]]) -> None:
@@ -116,14 +109,6 @@ def load_templates(
     )
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
 def _reduce_device(device: torch.device) -> torch.device:
     if dist.is_initialized() and dist.get_backend() == "nccl":
         return device
@@ -157,27 +142,15 @@ def compute_templates(
     dataset = dataloader.dataset
     m_hash = model_hash(model)
     man_hash = manifest_hash if manifest_hash is not None else getattr(dataset, "manifest_hash", "")
-    if cache is None:
-        directory = cache_dir("templates") if man_hash else None
-    elif cache is False:
-        directory = None
-    elif cache is True:
-        directory = cache_dir("templates")
-    else:
-        directory = Path(cache)
-    if directory is not None and not man_hash:
-        raise ValueError(
-            "caching templates needs a manifest hash (argument manifest_hash= or the dataset's "
-            "manifest_hash), or pass cache=False"
-        )
+    directory = cache_directory("templates", cache, man_hash)
     path = (
         templates_path(directory, model_hash=m_hash, manifest_hash=man_hash, normalize=normalize)
         if directory is not None
         else None
     )
     s_hash = state_hash(model) if path is not None else None
-    rank, world = _distributed_info()
-    device = _model_device(model)
+    rank, world = distributed_info()
+    device = model_device(model)
 
     # rank 0 decides whether the cache is there, so every rank takes the same branch; a file
     # that does not match its sidecar hash (a crash, a damaged disk) is computed afresh
@@ -342,7 +315,7 @@ def gallery_image_features(
     Not sharded under DDP (every process sees every image): meant for small galleries, e.g.
     the training set of a classification head. The model is put in eval mode and restored.
     """
-    device = _model_device(model)
+    device = model_device(model)
     feats, ids, sids, skipped = [], [], [], []
     was_training = model.training
     model.eval()
