@@ -18,6 +18,7 @@ import yaml
 from crossres.attacks import CarliniWagnerL2, DeepRepresentation
 from crossres.cli import CrossresCLI, main
 from crossres.io import sha256_file
+from crossres.lightning_modules.cr_export import StudentExport
 from crossres.models import GalleryClassifier, build_model, list_models
 from crossres.models.arcface import ArcFaceIResNet
 from crossres.models.facenet import FaceNetInceptionResnetV1
@@ -105,6 +106,20 @@ def test_example_config_runs_crossres_test(tmp_path, one_thread):
     assert len(rows) == 3 * len(clean)
     assert all(r.linf <= 4 / 255 + 1e-6 for r in rows if r.attack == "DR (4-10)")
 
+    # the kept adversarials (112 px ArcFace inputs) transfer to the other family (160 px)
+    facenet = weight_file("facenet", tmp_path / "facenet.pt")
+    args = ["transfer", str(run), "--target", "facenet_vggface2", "--weights", str(facenet)]
+    assert main(args) == 0
+    after = ResultStore(run).rows()
+    moved = {r.attack: r for r in after if r.model == "facenet_vggface2"}
+    for attack in ("CW-L2 (2-10)", "DR (4-10)"):
+        name = f"{attack} @{clean[0].model}->facenet_vggface2"
+        rows_of = [r for r in after if r.attack == name]
+        assert len(rows_of) == len(clean), name  # every stored adversarial, evaluated once
+        source = {r.sample_id: r for r in rows if r.attack == attack}
+        assert all(r.l2 == source[r.sample_id].l2 for r in rows_of)  # the source's perturbation
+    assert CLEAN in moved  # the new target's clean baseline
+
 
 def test_dr_moves_arcface_features_towards_the_target(tmp_path, one_thread):
     model = build_model(
@@ -162,3 +177,67 @@ def test_readme_shows_the_arcface_example_config_as_it_is():
     assert yaml.safe_load(block) == yaml.safe_load(config)
     for name in ("arcface_iresnet50.yaml", "facenet_vggface2.yaml"):
         assert f"configs/examples/{name}" in section
+
+
+CR_FAMILIES = {"arcface_iresnet18": (112, "arcface"), "facenet_vggface2": (160, "facenet")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(CR_FAMILIES))
+def test_crossres_fit_trains_a_cr_student_of_each_family(name, tmp_path, one_thread):
+    """``crossres fit`` (label-free CR distillation on the embedded faces, 2 steps) from a
+    bring-your-own weight file: the datamodule gets the model's input size, the student
+    exported loads back into the registry model, it moved, and the teacher's file did not."""
+    side, family = CR_FAMILIES[name]
+    teacher = weight_file(family, tmp_path / "teacher.pt")
+    before = sha256_file(teacher)
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "max_epochs": 1, "limit_train_batches": 2,
+            "limit_val_batches": 0, "num_sanity_val_steps": 0, "logger": False,
+            "enable_progress_bar": False, "enable_model_summary": False,
+            "enable_checkpointing": False,
+            "callbacks": [{"class_path": "crossres.lightning_modules.cr_training.StudentExport"}],
+        },
+        "model": {
+            "class_path": "crossres.lightning_modules.cr_training.CrossResolutionDistillation",
+            "init_args": {"model": name, "weights": str(teacher), "label_free": True,
+                          "lr": 0.01, "exponents": [3, 5]},
+        },
+        "data": {
+            "class_path": "crossres.datamodules.cr_data.CrossResolutionDataModule",
+            "init_args": {
+                "source": {
+                    "class_path": "crossres.datamodules.embedded.EmbeddedFacesDataModule",
+                    "init_args": {"batch_size": 4, "resolutions": [16, 0]},
+                },
+            },
+        },
+    }  # fmt: skip
+    path = tmp_path / "fit.yaml"
+    path.write_text(yaml.safe_dump(config))
+    seen = {}
+    original = StudentExport.on_train_end
+
+    def spying(self, trainer, pl_module):  # what the CLI built, at the end of fit
+        seen["input_size"] = trainer.datamodule.source.input_size
+        seen["resolutions"] = [r for _, _, r in pl_module.sampled]
+        original(self, trainer, pl_module)
+
+    run = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(StudentExport, "on_train_end", spying)
+        assert main(["fit", "--config", str(path), "--trainer.default_root_dir", str(run)]) == 0
+    assert seen["input_size"] in (side, (side, side))
+    assert len(seen["resolutions"]) == 2 and all(8 <= r < 32 for r in seen["resolutions"])
+    student = build_model(name, weights=str(run / "student.pt"))
+    original_model = build_model(name, weights=str(teacher))
+    assert sha256_file(teacher) == before
+    moved = [
+        k
+        for k, v in student.state_dict().items()
+        if v.is_floating_point() and not torch.equal(v, original_model.state_dict()[k])
+    ]
+    assert moved, "two SGD steps changed no weight"
+    assert not any("logits" in k for k in moved), moved  # frozen when label-free

@@ -12,14 +12,18 @@ as subprocesses of ``python -m crossres.cli test``:
 3. two gloo DDP processes, the whole process group killed at least 5 times, then resumed.
 
 Both stores must equal the reference row by row, every column but the timings, with no key
-stored twice in the raw ``rank-*.sqlite`` files. A fourth test kills a writer of large batches
-inside its SQLite transactions. The harness (``tests/chaos_harness.py``) sees only the command
+stored twice in the raw ``rank-*.sqlite`` files. A fourth test kills ``crossres prepare`` (a
+reduced CR recipe) in the face fetch, the dlib conversion, the training and the save, and
+requires the weights it finally records to be the uninterrupted run's, byte for byte; a fifth
+kills a writer of large batches inside its SQLite transactions. The harness (``tests/chaos_harness.py``) sees only the command
 line, the phase markers of ``crossres.phases`` and the store. Run alone:
 ``PYTHONPATH=src python -m pytest -m chaos -s tests/test_chaos.py`` (``-s`` prints the kills).
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import random
 import shutil
@@ -40,6 +44,8 @@ from chaos_harness import (
     run_with_kills,
     typical_durations,
 )
+from crossres.io import sha256_file, verify_file
+from crossres.lightning_modules.cr_recipe import CR_DLIB_RECIPE
 from crossres.paths import cache_dir
 from crossres.store import ResultStore
 
@@ -207,6 +213,70 @@ def test_ddp_killed_in_every_phase_then_resumed_stores_the_same_rows(bench, refe
     # so those get 10x that; every other column, and every key, must match exactly.
     check_chaos(bench, reference, "ddp", DDP_PHASES, *ddp, rel_tol=5e-6)
     assert len(ResultStore(bench.tmp / "run-ddp").files()) == 2
+
+
+# `crossres prepare` on a reduced CR recipe (2 epochs of 2 batches): killed while it fetches
+# the faces, converts dlib's weights, starts the training, trains an epoch and saves the
+# weights, then resumed; the weights it records must be the uninterrupted run's, byte for byte.
+PREPARE_PHASES = ("fetch", "convert", "cr-train", "cr-epoch", "cr-save")
+
+
+def small_recipe() -> dict:
+    recipe = copy.deepcopy(CR_DLIB_RECIPE)
+    recipe["trainer"].update(max_epochs=2, limit_train_batches=2)
+    recipe["data"]["init_args"]["source"]["init_args"]["batch_size"] = 8
+    return recipe
+
+
+def prepared_record(cache: Path) -> dict:
+    record = json.loads((cache / "models" / "dlib_resnet29_cr.prepared.json").read_text())
+    weights = cache / "models" / record["weights"]
+    assert sha256_file(weights) == record["sha256"] == verify_file(weights)
+    return record
+
+
+def test_prepare_killed_in_every_phase_then_resumed_records_the_same_weights(bench):
+    recipe = bench.tmp / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(small_recipe()))
+    faces = bench.tmp / "prepare-faces"
+
+    def command() -> list[str]:
+        return [sys.executable, "-m", "crossres.cli", "prepare", "--recipe", str(recipe),
+                "--faces-cache", str(faces)]  # fmt: skip
+
+    log = bench.tmp / "phases-prepare-reference.log"
+    env = {**bench.env("prepare-reference"), "CROSSRES_PHASE_LOG": str(log)}
+    wall = run_to_end(command(), env, bench.tmp / "prepare-reference.err", timeout=300)
+    markers, _ = read_markers(log)
+    durations = typical_durations(markers, end=time.time())
+    print(f"\nprepare reference: {wall:.1f} s; phases (s): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in sorted(durations.items())))  # fmt: skip
+    want = prepared_record(bench.tmp / "cache-prepare-reference")
+    shutil.rmtree(faces)  # fetched again, under kills
+
+    rng = random.Random(f"{SEED}-prepare")
+    nth = {"fetch": rng.randint(1, 2), "cr-epoch": rng.randint(1, 2)}
+    kills, wall = run_with_kills(
+        command(),
+        bench.env("prepare"),
+        log=bench.tmp / "phases-prepare.log",
+        aims=[Aim(p, nth.get(p, 1), rng.uniform(0.0, 0.5)) for p in PREPARE_PHASES],
+        durations=durations,
+        stderr=bench.tmp / "prepare.err",
+        timeout=300,
+    )
+    hits = [k.hit for k in kills]
+    print(f"prepare: {len(kills)} kills survived, {wall:.1f} s in all; phases hit: {hits}")
+    for k in kills:
+        print(f"  aimed {k.aim.phase} #{k.aim.nth} +{k.aim.fraction:.2f}: hit {k.hit} "
+              f"{k.after_s:.1f} s into the attempt")  # fmt: skip
+    assert len(kills) >= MIN_KILLS, f"only {len(kills)} kills landed: {hits}"
+    missed = set(PREPARE_PHASES) - set(hits)
+    assert not missed, f"no kill landed in {sorted(missed)}: {hits}"
+    got = prepared_record(bench.tmp / "cache-prepare")
+    assert got == want, "the resumed preparation recorded other weights"
+    models = bench.tmp / "cache-prepare" / "models"
+    assert not [p.name for p in models.iterdir() if p.is_dir()], "a work folder was left"
 
 
 # A store write lasts about a millisecond in the pipeline, so a kill aimed at it lands there

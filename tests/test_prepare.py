@@ -178,3 +178,56 @@ def test_prepare_command_records_what_build_model_loads(faces, empty_cache, caps
     assert build_model("dlib_resnet29_cr").pretrained_cfg.weights_hash == (
         model.pretrained_cfg.weights_hash
     )
+
+
+def test_a_killed_trainings_folder_is_cleared_and_a_live_one_refused(faces, empty_cache):
+    from crossres.lightning_modules.cr_recipe import cr_dlib_weights_path
+    from crossres.locks import RunDirBusyError, RunDirLock
+
+    target = cr_dlib_weights_path(faces_cache=faces)
+    work = target.with_name(target.stem + ".work")
+    (work / "fit" / "checkpoints").mkdir(parents=True)  # as a SIGKILLed training left it
+    (work / "fit" / "checkpoints" / "last.ckpt").write_bytes(b"half")
+    logs: list[str] = []
+    busy = pytest.raises(RunDirBusyError, match="CR training folder.*wait for that crossres")
+    with RunDirLock(work), busy:  # a live `crossres prepare` holds the training folder
+        ensure_cr_dlib_weights(fit=FakeFit(), faces_cache=faces, log=logs.append)
+    fit = FakeFit()
+    done = ensure_cr_dlib_weights(fit=fit, faces_cache=faces, log=logs.append)
+    assert done.action == "trained" and len(fit.calls) == 1
+    assert any("left by an interrupted training" in line for line in logs)
+    assert not work.exists(), "the training folder outlived its training"
+
+
+def test_prepare_trains_the_recipe_file_it_is_given(faces, empty_cache, tmp_path, capsys):
+    recipe = yaml.safe_load(yaml.safe_dump(CR_DLIB_RECIPE))
+    recipe["trainer"]["max_epochs"] = 1
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    seen = []
+
+    def fit(argv):
+        config = yaml.safe_load(Path(argv[2]).read_text())
+        seen.append(config["trainer"]["max_epochs"])
+        root = Path(argv[argv.index("--trainer.default_root_dir") + 1])
+        save_state_dict(DlibResNet29(), root / "student.pt")
+
+    assert prepare_main(["--faces-cache", faces, "--recipe", str(path)], fit=fit) == 0
+    assert seen == [1]
+    weights = prepared_weights("dlib_resnet29_cr")
+    assert (
+        json.loads(weights.with_suffix(".json").read_text())["recipe"]["trainer"]["max_epochs"] == 1
+    )
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [(None, "no such file"), ("a: [", "not YAML"), ("trainer: {}\n", "not a CR recipe")],
+)
+def test_a_bad_recipe_file_is_one_line(text, message, tmp_path, capsys):
+    path = tmp_path / "recipe.yaml"
+    if text is not None:
+        path.write_text(text)
+    rc = crossres_main(["prepare", "--recipe", str(path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and message in err[-1] and str(path) in err[-1]

@@ -44,8 +44,15 @@ class RunDirLock:
     waits) when another process, or another ``RunDirLock`` in this one, holds it.
     """
 
-    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str],
+        *,
+        what: str = "run directory",
+        hint: str = "wait for it or choose another --trainer.default_root_dir",
+    ) -> None:
         self.run_dir = Path(run_dir)
+        self.what, self.hint = what, hint  # the refusal: "<what> <dir> is in use by ...; <hint>"
         self.path = self.run_dir / LOCK_NAME
         self._fd: int | None = None
 
@@ -71,8 +78,7 @@ class RunDirLock:
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise CrossresError(f"cannot lock {self.path}: {e.strerror or e}") from e
             raise RunDirBusyError(
-                f"run directory {self.run_dir} is in use by {holder}; wait for it or choose "
-                "another --trainer.default_root_dir"
+                f"{self.what} {self.run_dir} is in use by {holder}; {self.hint}"
             ) from None
         self._fd = fd
         _write_holder(fd)

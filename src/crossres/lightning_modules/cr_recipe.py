@@ -14,7 +14,6 @@ import copy
 import json
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,8 +35,10 @@ from crossres.io import (
     sidecar_path,
     verify_file,
 )
+from crossres.locks import RunDirLock
 from crossres.models.dlib_resnet import packaged_dlib_model_path
 from crossres.paths import cache_dir
+from crossres.phases import mark
 
 __all__ = [
     "CR_DLIB_RECIPE",
@@ -220,23 +221,34 @@ def ensure_cr_dlib_weights(
     recipe = _with_faces_cache(CR_DLIB_RECIPE if recipe is None else recipe, faces_cache)
     teacher_sha, manifest_hash = _key_parts(recipe)
     target = _target(recipe, teacher_sha, manifest_hash)
-    cached = None if force else _cached(target, log)
-    if cached is not None:
-        digest, action = cached
-        return CRWeights(target, digest, teacher_sha, manifest_hash, action)  # type: ignore[arg-type]
-
-    work = Path(tempfile.mkdtemp(prefix=target.stem + ".", dir=target.parent))
-    try:
-        config = work / "config.yaml"
+    # One training per cache at a time (flock: a killed one leaves no lock), in a work folder
+    # named by the target, so a kill leaves one folder that the next attempt clears (whether
+    # it then trains or finds the weights saved just before the kill), not a temporary folder
+    # per attempt.
+    work = target.with_name(target.stem + ".work")
+    with RunDirLock(work, what="the CR training folder", hint="wait for that crossres prepare"):
+        cached = None if force else _cached(target, log)
+        if cached is not None:
+            shutil.rmtree(work)  # still holding the lock: see below
+            digest, action = cached
+            return CRWeights(target, digest, teacher_sha, manifest_hash, action)  # type: ignore[arg-type]
+        fit_dir = work / "fit"
+        if fit_dir.exists():
+            log(f"removing {fit_dir}: left by an interrupted training (training restarts)")
+            shutil.rmtree(fit_dir)
+        fit_dir.mkdir()
+        config = fit_dir / "config.yaml"
         config.write_text(yaml.safe_dump(recipe, sort_keys=False))
         log(f"training the CR variant of dlib_resnet29 into {target} (once; a few minutes)")
         start = time.perf_counter()
-        fit(["fit", "--config", str(config), "--trainer.default_root_dir", str(work)])
+        mark("cr-train")
+        fit(["fit", "--config", str(config), "--trainer.default_root_dir", str(fit_dir)])
         seconds = time.perf_counter() - start
-        exported = work / "student.pt"
+        exported = fit_dir / "student.pt"
         if not exported.is_file():
             raise RuntimeError(f"CR training finished without writing {exported}")
         verify_file(exported)  # StudentExport wrote its sidecar
+        mark("cr-save")
         digest = atomic_write_bytes(target, exported.read_bytes(), sidecar=True)
         record = {
             "model": "dlib_resnet29",
@@ -249,7 +261,7 @@ def ensure_cr_dlib_weights(
             "torch": torch.__version__,
         }
         atomic_write_json(target.with_suffix(".json"), record)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        # still holding the lock: whoever locks a new file of this name next finds the target
+        shutil.rmtree(work)
     log(f"CR dlib weights: {target} (sha256 {digest[:16]}..., {seconds:.0f} s)")
     return CRWeights(target, digest, teacher_sha, manifest_hash, "trained", seconds)

@@ -50,6 +50,7 @@ from crossres.metrics.functional import ProbeSummary
 from crossres.metrics.scoring import search
 from crossres.models import FaceModel, PretrainedConfig, build_model
 from crossres.models.templates import compute_templates
+from crossres.phases import mark
 from crossres.types import FaceBatch, Gallery
 
 __all__ = ["CrossResolutionDistillation", "StudentExport"]
@@ -176,6 +177,9 @@ class CrossResolutionDistillation(pl.LightningModule):
         # Lightning keeps the modes modules come in with (build_model may return eval-mode
         # models): the student trains, the teacher stays frozen (see ``train``)
         self.train()
+
+    def on_train_epoch_start(self) -> None:
+        mark("cr-epoch")  # where a chaos test (or a pre-emption) finds the training
 
     def setup(self, stage: str) -> None:
         dm = self._datamodule()
