@@ -185,38 +185,23 @@ CR_FAMILIES = {"arcface_iresnet18": (112, "arcface"), "facenet_vggface2": (160, 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CR_FAMILIES))
 def test_crossres_fit_trains_a_cr_student_of_each_family(name, tmp_path, one_thread):
-    """``crossres fit`` (label-free CR distillation on the embedded faces, 2 steps) from a
-    bring-your-own weight file: the datamodule gets the model's input size, the student
-    exported loads back into the registry model, it moved, and the teacher's file did not."""
+    """``crossres fit`` with configs/examples/cr_arcface_iresnet50.yaml (label-free CR
+    distillation on the embedded faces), its model swapped for each family's stand-in with a
+    random weight file and 2 steps: the datamodule gets the model's input size, the exported
+    student loads back into the registry model, it moved, and the teacher's file did not."""
     side, family = CR_FAMILIES[name]
     teacher = weight_file(family, tmp_path / "teacher.pt")
     before = sha256_file(teacher)
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu", "devices": 1, "max_epochs": 1, "limit_train_batches": 2,
-            "limit_val_batches": 0, "num_sanity_val_steps": 0, "logger": False,
-            "enable_progress_bar": False, "enable_model_summary": False,
-            "enable_checkpointing": False,
-            "callbacks": [{"class_path": "crossres.lightning_modules.cr_training.StudentExport"}],
-        },
-        "model": {
-            "class_path": "crossres.lightning_modules.cr_training.CrossResolutionDistillation",
-            "init_args": {"model": name, "weights": str(teacher), "label_free": True,
-                          "lr": 0.01, "exponents": [3, 5]},
-        },
-        "data": {
-            "class_path": "crossres.datamodules.cr_data.CrossResolutionDataModule",
-            "init_args": {
-                "source": {
-                    "class_path": "crossres.datamodules.embedded.EmbeddedFacesDataModule",
-                    "init_args": {"batch_size": 4, "resolutions": [16, 0]},
-                },
-            },
-        },
-    }  # fmt: skip
+    cfg = yaml.safe_load((ROOT / "configs/examples/cr_arcface_iresnet50.yaml").read_text())
+    assert cfg["model"]["init_args"]["model"] == "arcface_iresnet50"
+    cfg["model"]["init_args"].update(model=name, weights=str(teacher))
+    cfg["trainer"].update(max_epochs=1, limit_train_batches=2, enable_checkpointing=False)
+    cfg["trainer"]["callbacks"] = [
+        cb for cb in cfg["trainer"]["callbacks"] if cb["class_path"].endswith("StudentExport")
+    ]
+    cfg["data"]["init_args"]["source"]["init_args"]["batch_size"] = 4
     path = tmp_path / "fit.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(cfg))
     seen = {}
     original = StudentExport.on_train_end
 
@@ -230,7 +215,7 @@ def test_crossres_fit_trains_a_cr_student_of_each_family(name, tmp_path, one_thr
         mp.setattr(StudentExport, "on_train_end", spying)
         assert main(["fit", "--config", str(path), "--trainer.default_root_dir", str(run)]) == 0
     assert seen["input_size"] in (side, (side, side))
-    assert len(seen["resolutions"]) == 2 and all(8 <= r < 32 for r in seen["resolutions"])
+    assert len(seen["resolutions"]) == 2 and all(8 <= r < 128 for r in seen["resolutions"])
     student = build_model(name, weights=str(run / "student.pt"))
     original_model = build_model(name, weights=str(teacher))
     assert sha256_file(teacher) == before
@@ -241,3 +226,5 @@ def test_crossres_fit_trains_a_cr_student_of_each_family(name, tmp_path, one_thr
     ]
     assert moved, "two SGD steps changed no weight"
     assert not any("logits" in k for k in moved), moved  # frozen when label-free
+    # freeze_batchnorm: the running statistics are the teacher's
+    assert not any("running_" in k for k in moved), moved
