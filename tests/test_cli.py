@@ -179,6 +179,11 @@ def test_smoke_run_writes_everything(reference):
     assert record["classifiers"]["tiny"]["kind"] == "softmax head"
     assert record["classifiers"]["tiny"]["training"]["train_accuracy"] > 1 / 6  # above chance
     assert "| tiny | softmax head |" in report
+    # the frozen target measured each clean query's feature drift (tests/test_feature_drift.py)
+    clean = [r for r in rows if r.attack == "clean"]
+    assert all(r.feature_drift == 0.0 for r in clean if r.resolution == 0)
+    assert all(r.feature_drift > 0 for r in clean if r.resolution == 8)
+    assert "## Feature drift" in report
     dr = [r for r in rows if r.attack == "DR (8-6)"]
     assert all(r.linf <= 8 / 255 + 1e-6 for r in dr)
     assert all(r.target is not None and r.target != r.identity for r in dr)

@@ -43,8 +43,10 @@ class ResultRow:
     capture before upsampling); its norms are measured there. ``target_score`` /
     ``clean_target_score``: score of the attacked / clean probe against the closed-set template
     of ``target`` (the impersonation target), NaN without a target: the impostor pairs of the
-    verification (1:1) tables. Files written before these columns existed read as
-    "model_input" and NaN.
+    verification (1:1) tables. ``feature_drift`` (clean rows, when the frozen target measures
+    it): L2 distance between the probe's features at this resolution and the same face's at the
+    original resolution, how far resolution alone moves a face in the model's space. Files
+    written before these columns existed read as "model_input" and NaN.
     """
 
     model: str
@@ -73,6 +75,7 @@ class ResultRow:
     space: str = "model_input"
     target_score: float = float("nan")
     clean_target_score: float = float("nan")
+    feature_drift: float = float("nan")
 
     @property
     def key(self) -> tuple[str, str, int, int]:
@@ -88,6 +91,7 @@ _SCORES = (
     "open_top_score",
     "target_score",
     "clean_target_score",
+    "feature_drift",
 )
 _DEFAULTS = {f.name: f.default for f in fields(ResultRow)}
 

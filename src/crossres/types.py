@@ -22,6 +22,8 @@ class FaceBatch:
         [3, h_r, w_r] in [0, 1] (PIL's pixels / 255; the original image when the resolution is
         0 or >= its shortest side). A list: captures of different original sizes differ.
     original_size: [B, 2] int64 (height, width) of each original image, with ``low_resolution``.
+    reference: only when the frozen target asked for them (to measure feature drift): each face
+        at the original resolution, at the model's input size [B, 3, H, W].
     """
 
     images: torch.Tensor
@@ -31,6 +33,7 @@ class FaceBatch:
     paths: list[str] = field(default_factory=list)
     low_resolution: list[torch.Tensor] | None = None
     original_size: torch.Tensor | None = None
+    reference: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -46,6 +49,7 @@ class FaceBatch:
                 None if self.low_resolution is None else [t.to(device) for t in self.low_resolution]
             ),
             original_size=self.original_size,  # geometry: stays on the CPU
+            reference=None if self.reference is None else self.reference.to(device),
         )
 
     def select(self, index: torch.Tensor) -> FaceBatch:
@@ -62,6 +66,7 @@ class FaceBatch:
                 None if self.low_resolution is None else [self.low_resolution[i] for i in positions]
             ),
             original_size=None if self.original_size is None else self.original_size[positions],
+            reference=None if self.reference is None else self.reference[idx],
         )
 
 

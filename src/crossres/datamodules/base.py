@@ -106,6 +106,7 @@ class FaceItem:
     path: str
     low_resolution: torch.Tensor | None = None  # the capture before upsampling, when asked for
     original_size: tuple[int, int] | None = None  # (height, width) of the source image
+    reference: torch.Tensor | None = None  # the face at the original resolution, when asked for
 
 
 @dataclass
@@ -149,6 +150,11 @@ class FaceCollate:
                 else None
             ),
             skipped=skipped,
+            reference=(
+                torch.stack([it.reference for it in faces])
+                if faces and faces[0].reference is not None
+                else None
+            ),
         )
 
 
@@ -159,10 +165,12 @@ class FaceImageDataset(Dataset):
     skip_corrupt: False (default) raises ``CorruptImageError`` naming the file; True yields a
         ``SkippedItem`` that the collate drops and lists in ``LoadedFaceBatch.skipped``.
     ``low_resolution = True`` (attribute) adds each item's low-resolution capture and original
-    size (``FaceBatch.low_resolution`` / ``original_size``).
+    size (``FaceBatch.low_resolution`` / ``original_size``); ``reference = True`` each face at
+    the original resolution (``FaceBatch.reference``).
     """
 
     low_resolution: bool = False
+    reference: bool = False
 
     def __init__(
         self,
@@ -180,6 +188,9 @@ class FaceImageDataset(Dataset):
             ResolutionTransform(r, input_size=input_size, resize_shortest=resize_shortest)
             for r in self.resolutions
         ]
+        self.reference_transform = ResolutionTransform(
+            ORIGINAL, input_size=input_size, resize_shortest=resize_shortest
+        )
         self.skip_corrupt = skip_corrupt
         self.manifest_hash = manifest_hash  # read by compute_templates to key its cache
         h, w = self.transforms[0].input_size
@@ -211,14 +222,19 @@ class FaceImageDataset(Dataset):
                 "the manifest and the templates cache)"
             ) from e
         low = self.transforms[j].low_resolution(img) if self.low_resolution else None
+        image = self.transforms[j](img)
+        reference = None
+        if self.reference:
+            reference = image if self.resolutions[j] == ORIGINAL else self.reference_transform(img)
         return FaceItem(
-            image=self.transforms[j](img),
+            image=image,
             identity=int(self.table.identity[i]),
             sample_id=int(self.table.sample_id[i]),
             resolution=self.resolutions[j],
             path=self.table.paths[i],
             low_resolution=low,
             original_size=(img.size[1], img.size[0]) if low is not None else None,
+            reference=reference,
         )
 
 
@@ -322,6 +338,7 @@ class MultiResolutionDataModule(pl.LightningDataModule):
         self._gallery: FaceTable | None = None
         self._ready = False
         self.low_resolution_images = False  # see hand_out_low_resolution
+        self.reference_images = False  # see hand_out_references
 
     # ------------------------------------------------------------ for subclasses
     @abstractmethod
@@ -388,10 +405,17 @@ class MultiResolutionDataModule(pl.LightningDataModule):
         dataloader is made)."""
         self.low_resolution_images = True
 
+    def hand_out_references(self) -> None:
+        """From now on query batches also carry every face at the original resolution
+        (``FaceBatch.reference``), for the frozen target's feature drift (asked in its
+        ``setup``, before the test dataloader is made)."""
+        self.reference_images = True
+
     # ------------------------------------------------------------ datasets and loaders
     def query_dataset(self) -> FaceImageDataset:
         dataset = self._make_dataset(self.query_table, self.resolutions)
         dataset.low_resolution = self.low_resolution_images
+        dataset.reference = self.reference_images
         return dataset
 
     def gallery_dataset(self) -> FaceImageDataset:

@@ -156,6 +156,7 @@ class TargetOutput:
     logits: torch.Tensor  # [B, C]
     top1: torch.Tensor  # [B] identity predicted on the clean image
     attack_labels: torch.Tensor  # [B] logit index an untargeted attack moves away from
+    drift: torch.Tensor | None = None  # [B] ||f(x_r) - f(x_original)||, when measured
 
     def select(self, index: torch.Tensor) -> TargetOutput:
         """The samples at ``index`` (a long tensor of batch positions)."""
@@ -166,11 +167,13 @@ class TargetOutput:
             logits=self.logits[i],
             top1=self.top1[i],
             attack_labels=self.attack_labels[i],
+            drift=None if self.drift is None else self.drift[i],
         )
 
     def clean_rows(self, batch: FaceBatch) -> list[ResultRow]:
         """The rows that score the unattacked ``batch`` (the one this output was made from)."""
-        return self.target.rows(batch, CLEAN, self.features, self.top1)
+        extra = {} if self.drift is None else {"feature_drift": self.drift}
+        return self.target.rows(batch, CLEAN, self.features, self.top1, **extra)
 
 
 TestStepOutput = dict[str, TargetOutput]  # target label -> its output, in target order
@@ -185,7 +188,11 @@ class FrozenTarget(pl.LightningModule):
         gallery_normalize: Literal["none", "before", "after", "both"] = "none",
         logit_scale: float = 30.0,
         classifier: Literal["head", "gallery"] = "head",
+        feature_drift: bool = True,
     ) -> None:
+        """``feature_drift``: also score each clean query's features against the same face's
+        at the original resolution (one more forward per clean batch; the report's drift
+        table, the CR claim in the model's own space)."""
         super().__init__()
         targets = targets or [TargetSpec()]
         labels = [t.label for t in targets]
@@ -201,6 +208,7 @@ class FrozenTarget(pl.LightningModule):
         self.gallery_normalize = gallery_normalize
         self.logit_scale = logit_scale
         self.classifier = classifier
+        self.feature_drift = bool(feature_drift)
         # built eagerly so that missing weights fail before any data is read
         self.models = nn.ModuleDict(
             {s.label: build_model(s.name, weights=s.weights, **s.options) for s in self.specs}
@@ -236,8 +244,11 @@ class FrozenTarget(pl.LightningModule):
         }
 
     def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule
+        if self.feature_drift and hasattr(dm, "hand_out_references"):
+            dm.hand_out_references()
         if not self.targets:
-            self.build_targets(self.trainer.datamodule)
+            self.build_targets(dm)
 
     def build_targets(self, dm) -> None:
         """Gallery templates (cached by weights and manifest hash) and classifiers per target."""
@@ -284,8 +295,11 @@ class FrozenTarget(pl.LightningModule):
     def test_step(self, batch: FaceBatch, batch_idx: int) -> TestStepOutput:
         outputs: TestStepOutput = {}
         for label, t in self.targets.items():
+            drift = None
             with torch.no_grad():
                 features, logits = t.model.features_and_logits(batch.images)
+                if batch.reference is not None:
+                    drift = (features - t.model.features(batch.reference)).norm(dim=1)
             top1 = t.predict(logits)
             outputs[label] = TargetOutput(
                 target=t,
@@ -293,6 +307,7 @@ class FrozenTarget(pl.LightningModule):
                 logits=logits,
                 top1=top1,
                 attack_labels=t.attack_labels(batch.identity, top1),
+                drift=drift,
             )
         return outputs
 

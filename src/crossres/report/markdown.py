@@ -26,6 +26,7 @@ from typing import Any
 from crossres.metrics.plots import RatePoint, plot_cmc, plot_det, plot_rate_curves
 from crossres.phases import mark
 from crossres.report.comparisons import base_and_cr, paired_table
+from crossres.report.drift import drift_cells, drift_pairs
 from crossres.report.findings import ALPHA, Finding, findings
 from crossres.report.tables import (
     CONFIDENCE,
@@ -350,6 +351,59 @@ def base_vs_cr_section(ctx: Context) -> list[str]:
     return out
 
 
+def feature_drift_section(ctx: Context) -> list[str]:
+    """Mean ``||f(x_r) - f(x_original)||`` per target and resolution, and the paired
+    comparison of the two targets (``report.drift``)."""
+    cells = drift_cells(ctx.rows)
+    if not cells:
+        return []
+    models = list(dict.fromkeys(c.model for c in cells))
+    resolutions = sorted({c.resolution for c in cells}, key=resolution_order)
+    at = {(c.model, c.resolution): c for c in cells}
+    out = [
+        "## Feature drift: r px -> the same face at the original resolution",
+        "",
+        "Mean L2 distance between a clean query's features at r px and the same face's at the "
+        "original resolution, in each model's own feature space, with a bootstrap interval over "
+        "identities (n = queries). Lower: the model sees a small face where it sees the large "
+        "one, the cross-resolution claim. Distances are in each model's units "
+        "(`benchmarks/cr_eval.py` also scales them by the distance between different people).",
+        "",
+        "| Target | " + " | ".join(f"{_res(r)} px" for r in resolutions) + " |",
+        "|---|" + "---|" * len(resolutions),
+    ]
+    for m in models:
+        cols = []
+        for r in resolutions:
+            c = at.get((m, r))
+            cols.append("-" if c is None else f"{fmt_ci(c.mean, c.interval, percent=False)} "
+                        f"(n={c.n})")  # fmt: skip
+        out.append(f"| {m} | " + " | ".join(cols) + " |")
+    out.append("")
+    pair = base_and_cr(models)
+    pairs = drift_pairs(ctx.rows, *pair) if pair else []
+    pairs.sort(key=lambda p: resolution_order(p.resolution))
+    if pairs:
+        first, second = pair
+        out += [
+            f"{second} - {first} on the same queries: mean difference with a bootstrap interval "
+            "over identities; p: two-sided Wilcoxon signed-rank test; Holm: adjusted over the "
+            "resolutions tested.",
+            "",
+            f"| resolution | n pairs | {first} | {second} | {second} - {first} | p | p (Holm) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for p in pairs:
+            out.append(
+                f"| {_res(p.resolution)} | {p.n} | {fmt(p.mean_first, False)} | "
+                f"{fmt(p.mean_second, False)} | "
+                f"{fmt_ci(p.difference, p.difference_ci, percent=False)} | {fmt_p(p.pvalue)} | "
+                f"{fmt_p(p.pvalue_holm)} |"
+            )
+        out.append("")
+    return out
+
+
 # -------------------------------------------------------------------------------- figures
 
 
@@ -500,6 +554,7 @@ SECTIONS: list[Callable[[Context], list[str]]] = [
     classifier_section,
     tables_section,
     base_vs_cr_section,
+    feature_drift_section,
     dr_figures,
     identification_figures,
     threats_section,
