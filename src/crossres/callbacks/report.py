@@ -40,12 +40,13 @@ class ReportCallback(pl.Callback):
             return
         run_dir = find_writer(trainer, "ReportCallback").resolve_dir(trainer)
         rows = ResultStore(run_dir).rows()
+        cells = summarize(rows)  # once: the metrics, the report and the W&B payload read them
         metrics = {
             f"{c.model}/{c.attack}/r{c.resolution}/mean_l2": c.mean_l2
-            for c in summarize(rows)
+            for c in cells
             if not math.isnan(c.mean_l2)
         }
-        report = write_report(run_dir) if self.write else None
+        report = write_report(run_dir, rows=rows, cells=cells) if self.write else None
         examples = {
             (label, cb.name): (pair.clean, pair.adversarial)
             for cb in trainer.callbacks
@@ -58,7 +59,7 @@ class ReportCallback(pl.Callback):
             if isinstance(logger, WandbLogger):
                 figures = sorted((run_dir / "figures").glob("*.png")) if report else []
                 payload = run_payload(
-                    rows, figures=figures, examples=examples, n_images=self.log_images
+                    rows, figures=figures, examples=examples, n_images=self.log_images, cells=cells
                 )
                 if payload:
                     logger.experiment.log(payload)

@@ -59,17 +59,24 @@ class Context:
     run_info: dict[str, Any] = field(default_factory=dict)
 
 
-def write_report(run_dir: str | Path) -> Path:
+def write_report(
+    run_dir: str | Path,
+    *,
+    rows: list[ResultRow] | None = None,
+    cells: list[Cell] | None = None,
+) -> Path:
+    """``report.md`` and its figures in ``run_dir``; ``rows`` (the store's) and ``cells``
+    (``summarize(rows)``: a second of bootstraps) when the caller already has them."""
     mark("report")
     run_dir = Path(run_dir)
-    rows = ResultStore(run_dir).rows()
+    rows = ResultStore(run_dir).rows() if rows is None else rows
     fig_dir = run_dir / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     record = run_dir / "run.json"
     ctx = Context(
         run_dir=run_dir,
         rows=rows,
-        cells=summarize(rows),
+        cells=summarize(rows) if cells is None else cells,
         fig_dir=fig_dir,
         run_info=json.loads(record.read_text()) if record.exists() else {},
     )
