@@ -37,6 +37,7 @@ import yaml
 
 from chaos_harness import (
     Aim,
+    Kill,
     differences,
     raw_keys,
     read_markers,
@@ -175,6 +176,18 @@ def aims(phases: Sequence[str], rng: random.Random) -> list[Aim]:
     return [Aim(p, nth.get(p, 1), rng.uniform(0.0, 0.5)) for p in phases]
 
 
+def check_kills(name: str, kills: Sequence[Kill], wall: float, phases: Sequence[str]) -> None:
+    """Print where the kills landed (``-s`` shows it); at least ``MIN_KILLS``, every phase hit."""
+    hits = [k.hit for k in kills]
+    print(f"\n{name}: {len(kills)} kills survived, {wall:.1f} s in all; phases hit: {hits}")
+    for k in kills:
+        print(f"  aimed {k.aim.phase} #{k.aim.nth} +{k.aim.fraction:.2f}: hit {k.hit} "
+              f"(other ranks: {k.others or '-'}) {k.after_s:.1f} s into the attempt")  # fmt: skip
+    assert len(kills) >= MIN_KILLS, f"only {len(kills)} kills landed: {hits}"
+    missed = set(phases) - set(hits)
+    assert not missed, f"no kill landed in {sorted(missed)}: {hits}"
+
+
 def check_chaos(
     bench: Bench, reference, name: str, phases: Sequence[str], *extra: str, rel_tol: float = 0.0
 ) -> None:
@@ -188,14 +201,7 @@ def check_chaos(
         stderr=bench.tmp / f"{name}.err",
         timeout=300,
     )
-    hits = [k.hit for k in kills]
-    print(f"\n{name}: {len(kills)} kills survived, {wall:.1f} s in all; phases hit: {hits}")
-    for k in kills:
-        print(f"  aimed {k.aim.phase} #{k.aim.nth} +{k.aim.fraction:.2f}: hit {k.hit} "
-              f"(other ranks: {k.others or '-'}) {k.after_s:.1f} s into the attempt")  # fmt: skip
-    assert len(kills) >= MIN_KILLS, f"only {len(kills)} kills landed: {hits}"
-    missed = set(phases) - set(hits)
-    assert not missed, f"no kill landed in {sorted(missed)}: {hits}"
+    check_kills(name, kills, wall, phases)
     problems = differences(bench.tmp / f"run-{name}", ref_dir, rel_tol=rel_tol, abs_tol=1e-7)
     assert not problems, f"{len(problems)} problems, e.g. " + "\n".join(problems[:10])
     assert (bench.tmp / f"run-{name}" / "report.md").is_file()
@@ -265,14 +271,7 @@ def test_prepare_killed_in_every_phase_then_resumed_records_the_same_weights(ben
         stderr=bench.tmp / "prepare.err",
         timeout=300,
     )
-    hits = [k.hit for k in kills]
-    print(f"prepare: {len(kills)} kills survived, {wall:.1f} s in all; phases hit: {hits}")
-    for k in kills:
-        print(f"  aimed {k.aim.phase} #{k.aim.nth} +{k.aim.fraction:.2f}: hit {k.hit} "
-              f"{k.after_s:.1f} s into the attempt")  # fmt: skip
-    assert len(kills) >= MIN_KILLS, f"only {len(kills)} kills landed: {hits}"
-    missed = set(PREPARE_PHASES) - set(hits)
-    assert not missed, f"no kill landed in {sorted(missed)}: {hits}"
+    check_kills("prepare", kills, wall, PREPARE_PHASES)
     got = prepared_record(bench.tmp / "cache-prepare")
     assert got == want, "the resumed preparation recorded other weights"
     models = bench.tmp / "cache-prepare" / "models"

@@ -178,7 +178,7 @@ def test_unreadable_and_too_few_are_reported(tree, tmp_path):
             "use": "unused",
         },
     }
-    assert d["aligned"] == {"landmarks": 24 + 2 + 1, "box": 6, "whole": 8}
+    assert d["aligned"] == {"landmarks": 24 + 2 + 1, "box": 6, "whole": 8, "detected": 0}
     saved = QueryManifest.load(d["manifest"])  # the same manifest format as VGGFace2's
     assert saved.content_hash() == dm.manifest_hash
     assert {s["path"] for s in saved.skipped} == {CORRUPT, BROKEN}

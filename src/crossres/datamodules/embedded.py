@@ -39,7 +39,7 @@ from crossres.datamodules.embedded_sources import (
     load_embedded_faces,
     load_manifest,
 )
-from crossres.datamodules.identity_split import split_identities
+from crossres.datamodules.identity_split import check_split_arguments, split_identities
 from crossres.errors import NotPreparedError
 
 FETCH_COMMAND = "crossres fetch-faces"
@@ -116,16 +116,12 @@ class EmbeddedFacesDataModule(MultiResolutionDataModule):
             pad_shards=pad_shards,
             seed=seed,
         )
-        if not 0.0 < query_fraction < 1.0:
-            raise ValueError(f"query_fraction must be in (0, 1), got {query_fraction}")
-        if n_single_queries < 0:
-            raise ValueError(f"n_single_queries must be >= 0, got {n_single_queries}")
-        if max_queries_per_identity is not None and max_queries_per_identity < 1:
-            raise ValueError(
-                f"max_queries_per_identity must be >= 1 or None, got {max_queries_per_identity}"
-            )
-        if max_distractors is not None and max_distractors < 0:
-            raise ValueError(f"max_distractors must be >= 0 or None, got {max_distractors}")
+        check_split_arguments(
+            query_fraction=query_fraction,
+            n_single_queries=n_single_queries,
+            max_queries_per_identity=max_queries_per_identity,
+            max_distractors=max_distractors,
+        )
         if chip_size < 1 or chip_padding < 0:
             raise ValueError(
                 f"chip_size must be >= 1 and chip_padding >= 0, got {chip_size}, {chip_padding}"

@@ -55,7 +55,7 @@ from crossres.datamodules.folder_layout import (
     list_identities,
     read_annotations,
 )
-from crossres.datamodules.identity_split import split_identities
+from crossres.datamodules.identity_split import check_split_arguments, split_identities
 from crossres.datamodules.manifest import QueryManifest, QueryRecord, digest_lines
 from crossres.datamodules.resolution import ResolutionTransform
 from crossres.datamodules.vggface2_crop import vggface2_crop_box
@@ -180,8 +180,13 @@ class FolderFacesDataModule(MultiResolutionDataModule):
             pad_shards=pad_shards,
             seed=seed,
         )
-        if not 0.0 < query_fraction < 1.0:
-            raise ValueError(f"query_fraction must be in (0, 1), got {query_fraction}")
+        check_split_arguments(
+            query_fraction=query_fraction,
+            n_single_queries=n_single_queries,
+            max_queries_per_identity=max_queries_per_identity,
+            max_distractors=max_distractors,
+            min_images=min_images,
+        )
         if crop_margin < 0:
             raise ValueError(f"crop_margin must be >= 0, got {crop_margin}")
         if detector not in ("none", "dlib"):
@@ -191,18 +196,6 @@ class FolderFacesDataModule(MultiResolutionDataModule):
                 f"chip_size must be >= 1 or None and chip_padding >= 0, got {chip_size}, "
                 f"{chip_padding}"
             )
-        if min_images < 2:
-            raise ValueError(
-                f"min_images must be >= 2 (gallery and query photos), got {min_images}"
-            )
-        if max_queries_per_identity is not None and max_queries_per_identity < 1:
-            raise ValueError(
-                f"max_queries_per_identity must be >= 1 or None, got {max_queries_per_identity}"
-            )
-        if max_distractors is not None and max_distractors < 0:
-            raise ValueError(f"max_distractors must be >= 0 or None, got {max_distractors}")
-        if n_single_queries < 0:
-            raise ValueError(f"n_single_queries must be >= 0, got {n_single_queries}")
         self.root = Path(root).expanduser().resolve()
         self.annotations_path = Path(annotations).expanduser().resolve() if annotations else None
         self.detector = detector

@@ -39,6 +39,30 @@ class IdentitySplit:
     record: list[dict[str, str]]  # {"face", "identity", "split"} of every face used, sorted
 
 
+def check_split_arguments(
+    *,
+    query_fraction: float,
+    n_single_queries: int,
+    max_queries_per_identity: int | None,
+    max_distractors: int | None,
+    min_images: int = 2,
+) -> None:
+    """The knobs of ``split_identities`` as a datamodule receives them: ``ValueError`` naming
+    the first one out of range, at construction (before any photo is read)."""
+    if not 0.0 < query_fraction < 1.0:
+        raise ValueError(f"query_fraction must be in (0, 1), got {query_fraction}")
+    if n_single_queries < 0:
+        raise ValueError(f"n_single_queries must be >= 0, got {n_single_queries}")
+    if max_queries_per_identity is not None and max_queries_per_identity < 1:
+        raise ValueError(
+            f"max_queries_per_identity must be >= 1 or None, got {max_queries_per_identity}"
+        )
+    if max_distractors is not None and max_distractors < 0:
+        raise ValueError(f"max_distractors must be >= 0 or None, got {max_distractors}")
+    if min_images < 2:
+        raise ValueError(f"min_images must be >= 2 (gallery and query photos), got {min_images}")
+
+
 def split_identities(
     groups: Mapping[str, Sequence[str]],
     *,
