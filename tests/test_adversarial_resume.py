@@ -4,42 +4,17 @@ written before the kill as they were, and every attacked row has exactly one sto
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import time
-
 from crossres.adversarial_store import AdversarialImageStore, _read_keys
 from crossres.io import sha256_file
 from crossres.store import ResultStore
-from test_cli import N_ROWS, cli_command, run_cli, write_config
+from test_cli import N_ROWS, kill_when, run_cli, write_config
 
 
 def test_sigkill_then_resume_keeps_every_adversarial_once(tmp_path):
     config = write_config(tmp_path)
     run_dir = tmp_path / "killed"
     store = AdversarialImageStore(run_dir)
-    proc = subprocess.Popen(
-        cli_command(config, run_dir),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                n = len(ResultStore(run_dir).rows())
-            except Exception:  # the first file may be mid-creation
-                n = 0
-            if n >= 9 and store.files():
-                break
-            time.sleep(0.1)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    partial = len(ResultStore(run_dir).rows())
-    assert 0 < partial < N_ROWS, f"kill landed outside the run ({partial} rows)"
+    kill_when(config, run_dir, lambda n: n >= 9 and bool(store.files()))
     before = {p: sha256_file(p) for p in store.files()}
     assert before, "no adversarial file was written before the kill"
 

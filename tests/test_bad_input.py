@@ -23,6 +23,7 @@ import torch
 import yaml
 from torch._utils import ExceptionWrapper  # what DataLoader workers send their errors in
 
+from cli_configs import TINY_TARGET, crossres_config, dr, tiny_synthetic, with_overrides
 from crossres.cli import _crossres_error, _one_line, main
 from crossres.datamodules.base import CorruptImageError
 from crossres.datamodules.manifest import QueryManifest, model_hash
@@ -33,43 +34,8 @@ from crossres.models.tiny import TinyFaceNet
 from crossres.store import ResultStore
 from test_vggface2 import SMALL, ColourNet, make_tree
 
-DR = {
-    "class_path": "crossres.callbacks.AttackCallback",
-    "init_args": {
-        "name": "DR (8-2)",
-        "objective": "impersonation",
-        "attack": {
-            "class_path": "crossres.attacks.DeepRepresentation",
-            "init_args": {"epsilon": 8 / 255, "steps": 2},
-        },
-    },
-}
-CONFIG = {
-    "seed_everything": 0,
-    "trainer": {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "callbacks": [DR],
-    },
-    "model": {
-        "class_path": "crossres.lightning_modules.FrozenTarget",
-        "init_args": {"targets": [{"name": "tiny_facenet", "label": "tiny"}]},
-    },
-    "data": {
-        "class_path": "crossres.datamodules.SyntheticFacesDataModule",
-        "init_args": {
-            "n_identities": 6,
-            "n_images": 4,
-            "resolutions": [8, 0],
-            "batch_size": 3,
-            "input_size": 64,
-        },
-    },
-}
+DR = dr("DR (8-2)", epsilon=8 / 255, steps=2)
+CONFIG = crossres_config(TINY_TARGET, tiny_synthetic(), [DR])
 
 
 @pytest.fixture(autouse=True)
@@ -81,15 +47,8 @@ def own_cache(tmp_path_factory, monkeypatch):
 
 
 def write_config(folder: Path, overrides: dict, name: str = "config.yaml") -> Path:
-    cfg = yaml.safe_load(yaml.safe_dump(CONFIG))
-    for dotted, value in overrides.items():
-        node = cfg
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node[int(p)] if isinstance(node, list) else node[p]
-        node[leaf] = value
     path = folder / name
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(with_overrides(CONFIG, overrides)))
     return path
 
 

@@ -45,6 +45,7 @@ from chaos_harness import (
     run_with_kills,
     typical_durations,
 )
+from cli_configs import crossres_config, cw, datamodule, dr, frozen_target
 from crossres.io import sha256_file, verify_file
 from crossres.lightning_modules.cr_recipe import CR_DLIB_RECIPE
 from crossres.paths import cache_dir
@@ -59,54 +60,18 @@ MIN_KILLS = 5
 SINGLE_PHASES = ("convert", "fetch", "templates", "craft", "store", "report")
 DDP_PHASES = ("templates", "craft", "store", "craft", "report")
 
-CONFIG = {
-    "seed_everything": 0,
-    "trainer": {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "callbacks": [
-            {
-                "class_path": "crossres.callbacks.AttackCallback",
-                "init_args": {
-                    "name": "CW-L2 (1-4)",
-                    "attack": {
-                        "class_path": "crossres.attacks.CarliniWagnerL2",
-                        "init_args": {"binary_search_steps": 1, "steps": 4},
-                    },
-                },
-            },
-            {
-                "class_path": "crossres.callbacks.AttackCallback",
-                "init_args": {
-                    "name": "DR (4-4)",
-                    "objective": "impersonation",
-                    "attack": {
-                        "class_path": "crossres.attacks.DeepRepresentation",
-                        "init_args": {"epsilon": 4 / 255, "steps": 4},
-                    },
-                },
-            },
-        ],
-    },
-    "model": {
-        "class_path": "crossres.lightning_modules.FrozenTarget",
-        "init_args": {"targets": [{"name": "dlib_resnet29", "label": "Base"}]},
-    },
-    "data": {
-        "class_path": "crossres.datamodules.EmbeddedFacesDataModule",
-        "init_args": {
-            "resolutions": [16, 0],
-            "n_single_queries": 2,
-            "max_queries_per_identity": 1,
-            "max_distractors": 40,  # a gallery of ~80 faces: templates take a few seconds
-            "batch_size": 4,
-        },
-    },
-}
+CONFIG = crossres_config(
+    frozen_target("dlib_resnet29", "Base"),
+    datamodule(
+        "EmbeddedFacesDataModule",
+        resolutions=[16, 0],
+        n_single_queries=2,
+        max_queries_per_identity=1,
+        max_distractors=40,  # a gallery of ~80 faces: templates take a few seconds
+        batch_size=4,
+    ),
+    [cw("CW-L2 (1-4)", binary_search_steps=1, steps=4), dr("DR (4-4)", epsilon=4 / 255, steps=4)],
+)
 
 
 class Bench:

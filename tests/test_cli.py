@@ -13,12 +13,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from cli_configs import TINY_TARGET, crossres_config, cw, dr, tiny_synthetic, with_overrides
 from crossres.cli import main
 from crossres.datamodules import SyntheticFacesDataModule
 from crossres.io import sha256_file
@@ -26,66 +28,17 @@ from crossres.models.tiny import TinyFaceNet
 from crossres.report.tables import summarize
 from crossres.store import ResultStore
 
-CONFIG = {
-    "seed_everything": 0,
-    "trainer": {
-        "accelerator": "cpu",
-        "devices": 1,
-        "logger": False,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "callbacks": [
-            {
-                "class_path": "crossres.callbacks.AttackCallback",
-                "init_args": {
-                    "name": "CW-L2 (2-8)",
-                    "attack": {
-                        "class_path": "crossres.attacks.CarliniWagnerL2",
-                        "init_args": {"binary_search_steps": 2, "steps": 8},
-                    },
-                },
-            },
-            {
-                "class_path": "crossres.callbacks.AttackCallback",
-                "init_args": {
-                    "name": "DR (8-6)",
-                    "objective": "impersonation",
-                    "attack": {
-                        "class_path": "crossres.attacks.DeepRepresentation",
-                        "init_args": {"epsilon": 8 / 255, "steps": 6},
-                    },
-                },
-            },
-        ],
-    },
-    "model": {
-        "class_path": "crossres.lightning_modules.FrozenTarget",
-        "init_args": {"targets": [{"name": "tiny_facenet", "label": "tiny"}]},
-    },
-    "data": {
-        "class_path": "crossres.datamodules.SyntheticFacesDataModule",
-        "init_args": {
-            "n_identities": 6,
-            "n_images": 4,
-            "resolutions": [8, 0],
-            "batch_size": 3,
-            "input_size": 64,
-        },
-    },
-}
+CONFIG = crossres_config(
+    TINY_TARGET,
+    tiny_synthetic(),
+    [cw("CW-L2 (2-8)", binary_search_steps=2, steps=8), dr("DR (8-6)", epsilon=8 / 255, steps=6)],
+)
 N_QUERIES = 6 * 2 * 2  # identities x query images x resolutions
 N_ROWS = N_QUERIES * 3  # clean + two attacks
 
 
 def write_config(tmp_path: Path, **overrides) -> Path:
-    cfg = yaml.safe_load(yaml.safe_dump(CONFIG))
-    for dotted, value in overrides.items():
-        node = cfg
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node[int(p)] if isinstance(node, list) else node[p]
-        node[leaf] = value
+    cfg = with_overrides(CONFIG, overrides)
     path = tmp_path / f"config-{len(list(tmp_path.glob('config-*')))}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -95,6 +48,35 @@ def run_cli(config: Path, run_dir: Path, *extra: str) -> int:
     return main(
         ["test", "--config", str(config), "--trainer.default_root_dir", str(run_dir), *extra]
     )
+
+
+def kill_when(
+    config: Path, run_dir: Path, ready: Callable[[int], bool], timeout: float = 240
+) -> int:
+    """Run ``crossres test`` in a process group of its own, SIGKILL it as soon as
+    ``ready(stored rows)`` holds (polled), and return the rows it left: some, not all."""
+    proc = subprocess.Popen(
+        cli_command(config, run_dir),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                n = len(ResultStore(run_dir).rows())
+            except Exception:  # the first file may be mid-creation
+                n = 0
+            if ready(n):
+                break
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    partial = len(ResultStore(run_dir).rows())
+    assert 0 < partial < N_ROWS, f"kill landed outside the run ({partial} rows)"
+    return partial
 
 
 def csv_logger(save_dir: Path) -> list[str]:
@@ -204,27 +186,7 @@ def test_rerun_resumes_and_changed_config_is_refused(reference, tmp_path, capsys
 def test_sigkill_then_resume_gives_the_same_tables(reference, tmp_path):
     config, ref_dir = reference
     run_dir = tmp_path / "killed"
-    proc = subprocess.Popen(
-        cli_command(config, run_dir),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                n = len(ResultStore(run_dir).rows())
-            except Exception:  # the first file may be mid-creation
-                n = 0
-            if n >= 6:
-                break
-            time.sleep(0.2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    partial = len(ResultStore(run_dir).rows())
-    assert 0 < partial < N_ROWS, f"kill landed outside the run ({partial} rows)"
+    kill_when(config, run_dir, lambda n: n >= 6)
     assert run_cli(config, run_dir, *csv_logger(tmp_path / "logs")) == 0
     rows = ResultStore(run_dir).rows()
     assert len(rows) == N_ROWS and len({r.key for r in rows}) == N_ROWS

@@ -18,6 +18,7 @@ import torchvision.transforms.functional as TF
 import yaml
 from PIL import Image
 
+from cli_configs import crossres_config, cw, datamodule, frozen_target
 from crossres.cli import main
 from crossres.datamodules.base import ShardSampler
 from crossres.datamodules.embedded_sources import load_chip, load_embedded_faces, read_rgb
@@ -302,44 +303,19 @@ def test_split_needs_two_identities_with_enough_photos(tmp_path):
 
 def test_crossres_test_runs_on_a_folder(tree, tmp_path, capsys):
     """``crossres test`` end to end: dlib's ResNet-29, two resolutions, one short attack."""
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "logger": False,
-            "enable_checkpointing": False,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "callbacks": [
-                {
-                    "class_path": "crossres.callbacks.AttackCallback",
-                    "init_args": {
-                        "name": "CW-L2 (1-3)",
-                        "attack": {
-                            "class_path": "crossres.attacks.CarliniWagnerL2",
-                            "init_args": {"binary_search_steps": 1, "steps": 3},
-                        },
-                    },
-                }
-            ],
-        },
-        "model": {
-            "class_path": "crossres.lightning_modules.FrozenTarget",
-            "init_args": {"targets": [{"name": "dlib_resnet29", "label": "Base"}]},
-        },
-        "data": {
-            "class_path": "crossres.datamodules.FolderFacesDataModule",
-            "init_args": {
-                "root": str(tree["root"]),
-                "annotations": str(tree["csv"]),
-                "manifest": str(tmp_path / "manifest.json"),
-                "resolutions": [16, 0],
-                "max_queries_per_identity": 1,
-                "batch_size": 8,
-            },
-        },
-    }
+    config = crossres_config(
+        frozen_target("dlib_resnet29", "Base"),
+        datamodule(
+            "FolderFacesDataModule",
+            root=str(tree["root"]),
+            annotations=str(tree["csv"]),
+            manifest=str(tmp_path / "manifest.json"),
+            resolutions=[16, 0],
+            max_queries_per_identity=1,
+            batch_size=8,
+        ),
+        [cw("CW-L2 (1-3)", binary_search_steps=1, steps=3)],
+    )
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     run_dir = tmp_path / "run"

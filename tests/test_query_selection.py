@@ -14,6 +14,7 @@ import torch
 import yaml
 
 import crossres.datamodules
+from cli_configs import crossres_config, datamodule, frozen_target
 from crossres.cli import main
 from crossres.datamodules.cr_data import CrossResolutionDataModule
 from crossres.datamodules.manifest import QueryManifest, model_hash
@@ -123,31 +124,17 @@ def colournet(monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 def write_config(tmp_path: Path, tree: Path, model: str) -> Path:
-    config = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu",
-            "devices": 1,
-            "logger": False,
-            "enable_checkpointing": False,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-        },
-        "model": {
-            "class_path": "crossres.lightning_modules.FrozenTarget",
-            "init_args": {"targets": [{"name": model, "label": "colour"}]},
-        },
-        "data": {
-            "class_path": "crossres.datamodules.VGGFace2DataModule",
-            "init_args": {
-                "root": str(tree),
-                "n_identities": 3,
-                "n_images": 2,
-                "resolutions": [8, 0],
-                "batch_size": 8,
-            },
-        },
-    }
+    config = crossres_config(
+        frozen_target(model, "colour"),
+        datamodule(
+            "VGGFace2DataModule",
+            root=str(tree),
+            n_identities=3,
+            n_images=2,
+            resolutions=[8, 0],
+            batch_size=8,
+        ),  # fmt: skip
+    )
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

@@ -20,6 +20,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from cli_configs import TINY_TARGET, cw, dr, tiny_synthetic
 from crossres.cli import main
 from crossres.report.tables import summarize
 from crossres.store import ResultStore, rows_to_dicts
@@ -28,42 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 DR_EPSILON = 8 / 255
 N_IMAGES = 4  # ReportCallback's default log_images
 CALLBACKS = [
-    {
-        "class_path": "crossres.callbacks.AttackCallback",
-        "init_args": {
-            "name": "CW-L2 (1-4)",
-            "attack": {
-                "class_path": "crossres.attacks.CarliniWagnerL2",
-                "init_args": {"binary_search_steps": 1, "steps": 4},
-            },
-        },
-    },
-    {
-        "class_path": "crossres.callbacks.AttackCallback",
-        "init_args": {
-            "name": "DR (8-4)",
-            "objective": "impersonation",
-            "attack": {
-                "class_path": "crossres.attacks.DeepRepresentation",
-                "init_args": {"epsilon": DR_EPSILON, "steps": 4},
-            },
-        },
-    },
+    cw("CW-L2 (1-4)", binary_search_steps=1, steps=4),
+    dr("DR (8-4)", epsilon=DR_EPSILON, steps=4),
 ]
-MODEL = {
-    "class_path": "crossres.lightning_modules.FrozenTarget",
-    "init_args": {"targets": [{"name": "tiny_facenet", "label": "tiny"}]},
-}
-DATA = {
-    "class_path": "crossres.datamodules.SyntheticFacesDataModule",
-    "init_args": {
-        "n_identities": 4,
-        "n_images": 4,
-        "resolutions": [8, 0],
-        "batch_size": 8,
-        "input_size": 64,
-    },
-}
+MODEL = TINY_TARGET
+DATA = tiny_synthetic(n_identities=4, batch_size=8)
 QUIET = {"enable_progress_bar": False, "enable_model_summary": False}
 METRIC_KEY = re.compile(r"^[^/]+/[^/]+/r\d+/(success_rate|hit_rate|fpir_at_fnir|mean_l2)$")
 
