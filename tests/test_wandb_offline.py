@@ -22,6 +22,7 @@ from PIL import Image
 
 from cli_configs import TINY_TARGET, cw, dr, tiny_synthetic
 from crossres.cli import main
+from crossres.report.drift import drift_cells
 from crossres.report.tables import summarize
 from crossres.store import ResultStore, rows_to_dicts
 
@@ -155,6 +156,13 @@ def test_offline_run_holds_table_metrics_figures_and_examples(tmp_path):
     assert {k: logged[f"ci/{k}"] for k in with_ci} == pytest.approx(with_ci, rel=1e-12, abs=0)
     for attack in ("CW-L2 (1-4)", "DR (8-4)"):
         assert {f"tiny/{attack}/r{r}/success_rate" for r in (8, 0)} <= metrics.keys()
+
+    # the feature drift table (report.drift), one scalar set per target and resolution
+    cells = drift_cells(rows)
+    assert cells and {f"drift/{c.model}/r{c.resolution}": c.mean for c in cells} == {
+        k: v for k, v in logged.items() if re.fullmatch(r"drift/[^/]+/r\d+", k)
+    }
+    assert all(logged[f"drift/{c.model}/r{c.resolution}_n"] == c.n for c in cells)
 
     # the report's figures, one image each
     pngs = sorted((run_dir / "figures").glob("*.png"))

@@ -2,7 +2,8 @@
 and the report's numbers with their n and 95 % intervals (``interval_rows``: one row per
 model x attack x resolution x metric with value, low, high and n, logged as the table
 ``report/intervals`` and as scalars ``ci/<model>/<attack>/r<res>/<metric>{,_low,_high,_n}``),
-plus the findings' verdicts (table ``report/findings``).
+plus the findings' verdicts (table ``report/findings``) and the feature drift
+(``drift/<model>/r<res>{,_low,_high,_n}``, ``report.drift``).
 
 ``wandb`` is imported only inside these functions, so the rest of the package runs without
 it. Everything logged is a view of the result store (rows, the report's figures) or of the
@@ -23,6 +24,7 @@ from torch import Tensor
 
 from crossres.metrics.functional import DetCurve
 from crossres.metrics.plots import as_mapping, cmc_values
+from crossres.report.drift import drift_cells
 from crossres.report.findings import findings
 from crossres.report.tables import Cell, summarize
 from crossres.store import ResultRow, rows_to_dicts
@@ -126,6 +128,10 @@ def run_payload(
             columns=["finding", "title", "verdict", "decided by", "test"],
             data=[[f.number, f.title, f.verdict, f.reason, f.test] for f in findings(rows)],
         )
+    for c in drift_cells(rows):  # the report's feature drift table, as scalars
+        key = f"drift/{c.model}/r{c.resolution}"
+        payload.update({key: c.mean, f"{key}_low": c.interval[0], f"{key}_high": c.interval[1]})
+        payload[f"{key}_n"] = c.n
     data = rows_to_dicts(rows)
     if data:
         columns = list(data[0])
