@@ -115,7 +115,13 @@ def test_model_input_adversarials_are_degraded_like_a_photograph():
     torch.testing.assert_close(up, resize_bilinear(recaptured, (64, 64)))
 
 
-def test_unknown_target_is_one_line(run_dir, capsys):
+def test_unknown_target_is_one_line(run_dir, capsys, monkeypatch):
+    import crossres.cli
+
+    def build(*args, **kwargs):
+        raise AssertionError("the run was built before --target was checked")
+
+    monkeypatch.setattr(crossres.cli, "configured_cli", build)
     assert main(["transfer", str(run_dir), "--target", "nope"]) == 2
     err = capsys.readouterr().err
     assert "nope" in err and len(err.strip().splitlines()) == 1

@@ -248,6 +248,18 @@ def prepare_main(argv: list[str]) -> int:
     return main(argv, fit=run_lightning)  # the runner goes in: prepare never imports the CLI
 
 
+def _check_transfer_target(target: str, labels: list[str]) -> None:
+    """A transfer target is a target label of the run or a registry model name."""
+    from crossres.models.registry import list_models
+
+    if target in labels or target.startswith("timm/") or target in list_models():
+        return
+    raise CrossresError(
+        f"--target {target!r} is neither a target of the run {labels} nor a registry model "
+        f"name ({', '.join(list_models())}, or timm/<name>)"
+    )
+
+
 def transfer_main(argv: list[str]) -> int:
     """Evaluate the stored adversarials of a run on another target (a label of the run or a
     registry model) and/or at another resolution; rows go into the run's store, then the
@@ -257,7 +269,6 @@ def transfer_main(argv: list[str]) -> int:
     import torch
 
     from crossres.lightning_modules.frozen_target import TargetSpec
-    from crossres.models.registry import list_models
     from crossres.report.markdown import write_report
     from crossres.transfer import transfer
 
@@ -281,6 +292,11 @@ def transfer_main(argv: list[str]) -> int:
     # the configuration's sections, without the arguments of `test` itself (ckpt_path, ...)
     sections = ("seed_everything", "trainer", "model", "data", "store", "metrics", "report")
     saved = {k: v for k, v in yaml.safe_load(config.read_text()).items() if k in sections}
+    # an unknown --target is refused before the run's models and templates are built
+    stored = ((saved.get("model") or {}).get("init_args") or {}).get("targets") or []
+    run_labels = [t.get("label") for t in stored if isinstance(t, dict)]
+    if run_labels:
+        _check_transfer_target(args.target, run_labels)
     with tempfile.TemporaryDirectory() as tmp:
         plain = Path(tmp) / "config.yaml"
         plain.write_text(yaml.safe_dump(saved))
@@ -290,12 +306,7 @@ def transfer_main(argv: list[str]) -> int:
         raise CrossresError(f"{config} is no benchmark run (its model is not a FrozenTarget)")
     labels = [s.label for s in frozen.specs]
     if args.target not in labels:
-        known = args.target.startswith("timm/") or args.target in list_models()
-        if not known:
-            raise CrossresError(
-                f"--target {args.target!r} is neither a target of the run {labels} nor a "
-                f"registry model name ({', '.join(list_models())}, or timm/<name>)"
-            )
+        _check_transfer_target(args.target, labels)
         frozen = FrozenTarget(
             [TargetSpec(name=args.target, label=args.target, weights=args.weights)],
             similarity=frozen.similarity,
