@@ -222,7 +222,16 @@ def test_prepare_trains_the_recipe_file_it_is_given(faces, empty_cache, tmp_path
 
 @pytest.mark.parametrize(
     "text, message",
-    [(None, "no such file"), ("a: [", "not YAML"), ("trainer: {}\n", "not a CR recipe")],
+    [
+        (None, "no such file"),
+        ("a: [", "not YAML"),
+        ("trainer: {}\n", "not a CR recipe"),
+        (
+            "model: {init_args: {model: arcface_iresnet50}}\n"
+            "data: {init_args: {source: {init_args: {}}}}\n",
+            "crossres fit --config",
+        ),
+    ],
 )
 def test_a_bad_recipe_file_is_one_line(text, message, tmp_path, capsys):
     path = tmp_path / "recipe.yaml"

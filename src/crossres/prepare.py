@@ -78,6 +78,12 @@ def read_recipe(path: str) -> dict[str, Any]:
             f"--recipe {path}: not a CR recipe (needs model.init_args and "
             f"data.init_args.source.init_args, as configs/cr_dlib.yaml; missing {e})"
         ) from e
+    model = recipe["model"]["init_args"].get("model")
+    if model != "dlib_resnet29":
+        raise ConfigValueError(
+            f"--recipe {path}: trains {model!r}, but crossres prepare makes {CR_MODEL}, a "
+            "fine-tune of dlib_resnet29; CR-train other models with crossres fit --config FILE"
+        )
     return recipe
 
 
